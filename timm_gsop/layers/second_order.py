@@ -1,0 +1,161 @@
+"""Second-order pooling ops: covariance, iSQRT matrix square root, triangular vectorisation.
+
+Every op here computes in float32 whatever the input dtype and whether or not the caller runs
+under ``torch.autocast``, and returns float32: covariances of ReLU features and Newton-Schulz
+iterations lose too much in fp16/bf16 (the trace alone can overflow fp16 at d=256).
+
+All ops are batched (no Python loop over samples), never build an MxM centring matrix, and are
+usable on their own::
+
+    cov = covariance_pool(feats)              # (B, C, H, W) -> (B, C, C)
+    root = isqrt(cov, num_iters=5)            # approx. cov ** 0.5
+    vec = triu_vectorize(root)                # (B, C * (C + 1) / 2)
+
+They are registered as leaf functions for ``torch.fx`` (plain ``symbolic_trace`` and timm's
+feature extraction), so a traced model keeps the float32 region intact.
+"""
+import torch
+from torch import Tensor
+
+from timm.layers import register_notrace_function
+
+__all__ = [
+    'covariance_pool', 'position_gram', 'isqrt', 'triu_vectorize', 'triu_indices_flat',
+    'autocast_active', 'TRACE_EPS',
+]
+
+# Guard for the trace normalisation in iSQRT. A ReLU feature map that is all zero (a blank image,
+# a dead channel group, zero-init BN) has trace 0; the released code divides 0 by 0. Typical traces of
+# BN-ReLU features are O(d), so this floor changes nothing for real inputs.
+TRACE_EPS = 1e-5
+
+# torch.is_autocast_enabled(device_type) raises for device types autocast does not know (e.g. meta).
+_AUTOCAST_DEVICE_TYPES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu', 'mtia', 'xla', 'ipu')
+
+
+def autocast_active(x: Tensor) -> bool:
+    """True when autocast is on for ``x``'s device (False under fx tracing and for meta tensors)."""
+    if isinstance(x, torch.fx.Proxy):
+        return False
+    device_type = x.device.type
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
+
+
+def _check_feature_map(x: Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f'{name} expects a 4-D (B, C, H, W) feature map, got shape {tuple(x.shape)}')
+
+
+def _covariance_fp32(x: Tensor) -> Tensor:
+    x = x.flatten(2).float()
+    num_positions = x.shape[-1]
+    x = x - x.mean(dim=2, keepdim=True)
+    # centred product == X I_hat X^T of the released code, without the (M, M) I_hat
+    return torch.bmm(x, x.transpose(1, 2)).div_(num_positions)
+
+
+def covariance_pool(x: Tensor) -> Tensor:
+    """Channel covariance over spatial positions: ``(B, C, H, W) -> (B, C, C)``, float32.
+
+    ``S = (X - mean) (X - mean)^T / M`` with ``M = H * W`` (the biased estimator, as the paper and the
+    released code use). Symmetric positive semi-definite by construction.
+    """
+    if not torch.jit.is_scripting():
+        _check_feature_map(x, 'covariance_pool')
+        if autocast_active(x):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return _covariance_fp32(x)
+    return _covariance_fp32(x)
+
+
+def _position_gram_fp32(x: Tensor) -> Tensor:
+    x = x.flatten(2).float()
+    num_positions = x.shape[-1]
+    sums = x.sum(dim=1)  # per-position sum over channels, (B, P)
+    gram = torch.bmm(x.transpose(1, 2), x)
+    return gram.div_(num_positions) - sums.unsqueeze(2) * sums.unsqueeze(1) / (num_positions * num_positions)
+
+
+def position_gram(x: Tensor) -> Tensor:
+    """Position-wise second-order matrix of the released position GSoP: ``(B, C, H, W) -> (B, P, P)``.
+
+    ``Gram / P - outer(s, s) / P^2`` with ``P = H * W`` and ``s`` the per-position channel sums. This is
+    what the released code computes (its ``cov_feature``); it is a true covariance only when C == P.
+    We keep the formula so that checkpoints trained with it give the same outputs. Float32 output.
+    """
+    if not torch.jit.is_scripting():
+        _check_feature_map(x, 'position_gram')
+        if autocast_active(x):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return _position_gram_fp32(x)
+    return _position_gram_fp32(x)
+
+
+def _isqrt_fp32(x: Tensor, num_iters: int, eps: float) -> Tensor:
+    x = x.float()
+    dim = x.shape[-1]
+    eye3 = torch.eye(dim, dtype=x.dtype, device=x.device).mul_(3.0)
+    # pre-normalise by the trace so that Newton-Schulz converges (eigenvalues of A in (0, 1])
+    trace = x.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(eps).view(-1, 1, 1)
+    a = x / trace
+    zy = 0.5 * (eye3 - a)
+    if num_iters < 2:
+        y = torch.bmm(a, zy)
+    else:
+        y = torch.bmm(a, zy)
+        z = zy
+        for _ in range(num_iters - 2):
+            zy = 0.5 * (eye3 - torch.bmm(z, y))
+            y, z = torch.bmm(y, zy), torch.bmm(zy, z)
+        y = 0.5 * torch.bmm(y, eye3 - torch.bmm(z, y))
+    # post-compensation: undo the trace normalisation (sqrt because we took a square root)
+    return y * trace.sqrt()
+
+
+def isqrt(x: Tensor, num_iters: int = 3, eps: float = TRACE_EPS) -> Tensor:
+    """Approximate matrix square root of SPD matrices by coupled Newton-Schulz iterations (iSQRT-COV).
+
+    ``(B, N, N) -> (B, N, N)``, float32. The input is divided by its trace, iterated ``num_iters`` times
+    (``Y_{k+1} = Y_k T_k, Z_{k+1} = T_k Z_k, T_k = (3I - Z_k Y_k) / 2``, the last step computing Y only),
+    and multiplied by ``sqrt(trace)``. The trace is floored at ``eps`` so an all-zero matrix gives zeros
+    with finite gradients. ``num_iters=1`` gives ``A (3I - A) / 2`` (the released code returns the Z
+    factor there, a bug; the paper's networks use 3 and 5).
+    """
+    if not torch.jit.is_scripting():
+        if x.dim() != 3 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f'isqrt expects a batch of square matrices (B, N, N), got shape {tuple(x.shape)}')
+        if num_iters < 1:
+            raise ValueError(f'isqrt num_iters must be >= 1, got {num_iters}')
+        if autocast_active(x):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return _isqrt_fp32(x, num_iters, eps)
+    return _isqrt_fp32(x, num_iters, eps)
+
+
+def triu_indices_flat(dim: int, device: torch.device = torch.device('cpu')) -> Tensor:
+    """Flat indices (into an N*N row-major matrix) of the lower triangle incl. diagonal, row by row.
+
+    This is the released code's order (``ones(N, N).triu().t()`` nonzeros); for a symmetric matrix it
+    holds the same values as the upper triangle read column by column.
+    """
+    rows_cols = torch.tril_indices(dim, dim, device=device)
+    return rows_cols[0] * dim + rows_cols[1]
+
+
+def triu_vectorize(x: Tensor) -> Tensor:
+    """Vectorise the triangle of symmetric matrices: ``(B, N, N) -> (B, N * (N + 1) / 2)``.
+
+    One gather with a precomputed index, no per-sample loop. Keeps the input dtype.
+    """
+    if not torch.jit.is_scripting():
+        if x.dim() != 3 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f'triu_vectorize expects (B, N, N), got shape {tuple(x.shape)}')
+    index = triu_indices_flat(x.shape[-1], x.device)
+    return x.flatten(1).index_select(1, index)
+
+
+# leaf functions for fx: plain torch.fx.symbolic_trace (fx.wrap patches this module's globals, so
+# callers must call them as `second_order.<fn>`) and timm's feature extraction (autowrap set)
+for _fn in (covariance_pool, position_gram, isqrt, triu_vectorize):
+    torch.fx.wrap(_fn.__name__)
+    register_notrace_function(_fn)

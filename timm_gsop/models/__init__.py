@@ -1,0 +1,2 @@
+"""Model families; importing this module registers them with timm."""
+from .gsop_resnet import *  # noqa: F401,F403 (registers the gsop_* / gsop2_* models)

@@ -1,0 +1,368 @@
+"""GSoP-Net: Global Second-order Pooling Convolutional Networks (ResNet backbones).
+
+Paper: "Global Second-order Pooling Convolutional Networks", Zilin Gao, Jiangtao Xie, Qilong Wang,
+Peihua Li, CVPR 2019 (arXiv:1811.12006). Released code (MIT):
+https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks
+
+* GSoP-Net1 (``gsop_resnet*``): a GSoP block in the last bottleneck of each of the four stages, global
+  average pooling, linear classifier.
+* GSoP-Net2 (``gsop2_resnet*``): GSoP blocks in stages 1-3 only, and an iSQRT-COV head (1x1 conv to 256,
+  covariance, 3 Newton-Schulz iterations, 32,896-d triangle vector) before the classifier.
+
+Both use a torchvision-style ResNet whose last stage has stride 1 *without* dilation (14x14 final map
+at 224x224), as released. timm's ``output_stride=16`` dilates that stage instead: a different network.
+
+The backbone is timm's own ``ResNet``/``Bottleneck``; the GSoP module sits in the bottleneck's attention
+slot (``block.se``), which is applied to the ``bn3`` output before the residual add, exactly where the
+released code applies it.
+"""
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, ResNet
+
+from ..layers.cov_pool import ISqrtCovPool
+from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
+
+__all__ = ['GSoPResNet', 'checkpoint_filter_fn', 'CheckpointMismatchError', 'POOL_TYPES']
+
+# Pool types accepted as ``global_pool``: timm's adaptive pools, the iSQRT-COV head, or '' (none).
+POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'isqrt', '')
+
+_GSoPModule = (ChannelGSoP, PositionGSoP, GSoPFusion)
+
+
+class GSoPResNet(ResNet):
+    """timm ``ResNet`` with GSoP blocks, a stride-1 last stage and an optional iSQRT-COV head.
+
+    Every timm ``ResNet`` argument is accepted (``drop_rate``, ``drop_path_rate``, ``drop_block_rate``,
+    ``in_chans``, ``block_args`` ...). GSoP-specific arguments:
+
+    Args:
+        gsop_manner: GSoP block type, the released code's names: 'channel' (default), 'position',
+            'fusion_avg', 'fusion_max', 'fusion_concat'.
+        gsop_dim: reduced dimension d of the GSoP blocks (paper: 128).
+        gsop_stages: per stage, whether its last block gets a GSoP module (Net1: all four, Net2: 1-3).
+        gsop_pool_size: side of the position branch's grid (released: 8).
+        global_pool: 'isqrt' for the iSQRT-COV head, a timm pool type ('avg', ...), or '' for none.
+        isqrt_dim: channels of the iSQRT-COV head's 1x1 reduction (256 -> 32,896 features).
+        isqrt_iters: Newton-Schulz iterations of the iSQRT-COV head (GSoP-Net2: 3).
+        last_stride: stride of the last stage (released: 1, without dilation; 2 gives the usual ResNet).
+        bn_momentum, bn_eps: override every BatchNorm's momentum / eps (timm train.py's --bn-momentum ...).
+        zero_init_last: zero-init each bottleneck's last BN. Off by default: the released code does not,
+            and it would start every GSoP block on an all-zero input.
+    """
+
+    def __init__(
+            self,
+            block: type = Bottleneck,
+            layers: Tuple[int, ...] = (3, 4, 6, 3),
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            gsop_manner: str = 'channel',
+            gsop_dim: int = 128,
+            gsop_stages: Sequence[bool] = (True, True, True, True),
+            gsop_pool_size: int = 8,
+            isqrt_dim: int = 256,
+            isqrt_iters: int = 3,
+            last_stride: int = 1,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
+            zero_init_last: bool = False,
+            device=None,
+            dtype=None,
+            **kwargs: Any,
+    ) -> None:
+        if gsop_manner not in GSOP_MANNERS:
+            raise ValueError(f'Unknown gsop_manner {gsop_manner!r}; valid choices: {", ".join(GSOP_MANNERS)}')
+        _check_pool_type(global_pool)
+        if last_stride not in (1, 2):
+            raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
+        if len(gsop_stages) != len(layers):
+            raise ValueError(f'gsop_stages needs one flag per stage ({len(layers)}), got {tuple(gsop_stages)}')
+        dd = {'device': device, 'dtype': dtype}
+        # build with a parameter-free head first; the real one (maybe iSQRT-COV) is made by _create_head
+        super().__init__(
+            block=block, layers=layers, num_classes=0, global_pool='avg', zero_init_last=zero_init_last,
+            **kwargs, **dd)
+        self.gsop_manner = gsop_manner
+        self.gsop_dim = gsop_dim
+        self.gsop_stages = tuple(bool(s) for s in gsop_stages)
+        self.isqrt_dim = isqrt_dim
+        self.isqrt_iters = isqrt_iters
+
+        stages = [getattr(self, f'layer{i + 1}') for i in range(len(layers))]
+        if last_stride == 1:
+            _remove_stage_stride(stages[-1])
+            self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
+
+        for stage_idx, (stage, enabled) in enumerate(zip(stages, self.gsop_stages)):
+            if not enabled:
+                continue
+            last_block = stage[-1]
+            gsop = create_gsop(
+                last_block.bn3.num_features,
+                manner=gsop_manner,
+                dim=gsop_dim,
+                # released code: stride 2 in the first stage, so its covariance is taken at 28x28
+                stride=2 if stage_idx == 0 else 1,
+                pool_size=gsop_pool_size,
+                **dd,
+            )
+            _init_like_resnet(gsop)
+            last_block.se = gsop
+
+        self._create_head(num_classes, global_pool)
+        if bn_momentum is not None or bn_eps is not None:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = m.momentum if bn_momentum is None else bn_momentum
+                    m.eps = m.eps if bn_eps is None else bn_eps
+
+    def _create_head(self, num_classes: int, global_pool: str, keep_pool: bool = False) -> None:
+        dd = _device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool == 'isqrt':
+            if not (keep_pool and isinstance(self.global_pool, ISqrtCovPool)):
+                self.global_pool = ISqrtCovPool(
+                    self.num_features, dim=self.isqrt_dim, num_iters=self.isqrt_iters, **dd)
+                _init_like_resnet(self.global_pool)
+            pooled = self.global_pool.out_features
+            self.fc = nn.Linear(pooled, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        else:
+            if not global_pool and num_classes > 0:
+                raise ValueError(
+                    f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}")
+            self.global_pool, self.fc = create_classifier(
+                self.num_features, num_classes, pool_type=global_pool, **dd)
+            pooled = self.num_features * self.global_pool.feat_mult() if global_pool else self.num_features
+        self.head_hidden_size = pooled
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier; keeps the pooling (and a trained iSQRT-COV head) when ``global_pool``
+        is None or unchanged."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        _check_pool_type(global_pool)
+        self._create_head(num_classes, global_pool, keep_pool=True)
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+
+def _check_pool_type(pool_type: str) -> None:
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f'Unknown global_pool {pool_type!r}; valid choices: {", ".join(map(repr, POOL_TYPES))}')
+
+
+def _device_dtype(module: nn.Module) -> Dict[str, Any]:
+    p = next(module.parameters())
+    return {'device': p.device, 'dtype': p.dtype}
+
+
+def _remove_stage_stride(stage: nn.Sequential) -> None:
+    """Make a timm ResNet stage stride 1 without dilation (released GSoP / iSQRT-COV layer4)."""
+    first = stage[0]
+    first.conv2.stride = (1, 1)
+    first.stride = 1
+    if isinstance(first.aa, nn.Module) and not isinstance(first.aa, nn.Identity):
+        first.aa = nn.Identity()
+    down = first.downsample
+    if down is not None:
+        for i, m in enumerate(down):
+            if isinstance(m, (nn.AvgPool2d,)) or type(m).__name__ == 'AvgPool2dSame':
+                down[i] = nn.Identity()  # avg_down variants: the pool is the stride
+            elif isinstance(m, nn.Conv2d):
+                m.stride = (1, 1)
+
+
+def _init_like_resnet(module: nn.Module) -> None:
+    # the released code's init, applied to every conv of the network including the GSoP ones
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---- checkpoints of the released code ------------------------------------------------------------------
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into."""
+
+
+# released Bottleneck attribute -> (branch, our name inside the GSoP module); branch None = fusion itself
+_OFFICIAL_BLOCK_KEYS = {
+    'conv_for_DR': ('channel', 'conv_reduce'),
+    'bn_for_DR': ('channel', 'bn_reduce'),
+    'row_bn': ('channel', 'gate.bn_row'),
+    'row_conv_group': ('channel', 'gate.conv_row'),
+    'fc_adapt_channels': ('channel', 'gate.conv_expand'),
+    'conv_for_DR_spatial': ('position', 'conv_reduce'),
+    'bn_for_DR_spatial': ('position', 'bn_reduce'),
+    'row_bn_for_spatial': ('position', 'gate.bn_row'),
+    'row_conv_group_for_spatial': ('position', 'gate.conv_row'),
+    'fc_adapt_channels_for_spatial': ('position', 'gate.conv_expand'),
+    'dilate_conv_for_concat1': (None, 'concat_channel'),
+    'dilate_conv_for_concat2': (None, 'concat_position'),
+    'bn_for_concat': (None, 'concat_bn'),
+}
+_OFFICIAL_HEAD_KEYS = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'global_pool.bn_reduce'}
+
+
+def _unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    for key in ('state_dict', 'model'):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        out[k[len('module.'):] if k.startswith('module.') else k] = v
+    return out
+
+
+def _map_official_key(key: str, model: nn.Module) -> str:
+    parts = key.split('.')
+    if parts[0] in _OFFICIAL_HEAD_KEYS:
+        return '.'.join([_OFFICIAL_HEAD_KEYS[parts[0]]] + parts[1:])
+    # layerX.Y.<attr>.<param>
+    if len(parts) >= 4 and parts[0].startswith('layer') and parts[2] in _OFFICIAL_BLOCK_KEYS:
+        branch, name = _OFFICIAL_BLOCK_KEYS[parts[2]]
+        block = _get_submodule(model, '.'.join(parts[:2]))
+        gsop = getattr(block, 'se', None) if block is not None else None
+        prefix = f'{branch}.' if branch is not None and (isinstance(gsop, GSoPFusion) or gsop is None) else ''
+        return '.'.join(parts[:2] + ['se', prefix + name] + parts[3:])
+    return key
+
+
+def _get_submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _describe(model: nn.Module) -> str:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    name = cfg.get('architecture') or type(model).__name__
+    manner = getattr(model, 'gsop_manner', None)
+    return f'{name} (gsop_manner={manner!r})' if manner else name
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a checkpoint onto a GSoPResNet and check that it fits.
+
+    Accepts our own (timm) layout and the released code's (``main.py``'s ``model_best.pth.tar`` dict or a
+    bare state dict, with or without the DataParallel ``module.`` prefix). Raises
+    :class:`CheckpointMismatchError` naming the model and the first mismatching keys when the checkpoint
+    is for another architecture or GSoP manner, or is missing tensors.
+    """
+    state_dict = _unwrap_state_dict(state_dict)
+    official = any(k.split('.')[0] in _OFFICIAL_HEAD_KEYS or any(
+        f'.{name}.' in k for name in _OFFICIAL_BLOCK_KEYS) for k in state_dict)
+    if official:
+        state_dict = {_map_official_key(k, model): v for k, v in state_dict.items()}
+
+    model_sd = model.state_dict()
+    if not isinstance(getattr(model, 'global_pool', None), ISqrtCovPool):
+        # the model was built without the covariance head (e.g. global_pool=''): its weights are not needed
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('global_pool.')}
+    # releases older than PyTorch 0.4.1 have no num_batches_tracked buffers
+    for k, v in model_sd.items():
+        if k.endswith('num_batches_tracked') and k not in state_dict:
+            state_dict[k] = torch.zeros_like(v, device='cpu')
+
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    adaptable = set()  # timm's loader adapts these (in_chans) or drops them (num_classes)
+    for name in (cfg.get('first_conv') or 'conv1', cfg.get('classifier') or 'fc'):
+        for n in ([name] if isinstance(name, str) else name):
+            adaptable.update({f'{n}.weight', f'{n}.bias'})
+    missing = [k for k in model_sd if k not in state_dict and k not in adaptable]
+    unexpected = [k for k in state_dict if k not in model_sd and k not in adaptable]
+    wrong_shape = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+        for k, v in model_sd.items()
+        if k in state_dict and k not in adaptable and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f'Checkpoint does not fit {_describe(model)}'
+                 f'{" (released-code layout)" if official else ""}:']
+        for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)):
+            if keys:
+                more = f' ... and {len(keys) - 5} more' if len(keys) > 5 else ''
+                lines.append(f'  {len(keys)} {label}: {", ".join(keys[:5])}{more}')
+        raise CheckpointMismatchError('\n'.join(lines))
+    return state_dict
+
+
+# ---- builders and registrations ------------------------------------------------------------------------
+
+def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
+    try:
+        return build_model_with_cfg(
+            GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    except CheckpointMismatchError:
+        raise
+    except (RuntimeError, EOFError, OSError) as e:
+        if not pretrained:
+            raise
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        source = overlay.get('file') or overlay.get('hf_hub_id') or 'its pretrained_cfg'
+        raise RuntimeError(
+            f'Could not load pretrained weights for {variant} from {source}: {e}. '
+            'The file may be truncated, or not a PyTorch / safetensors checkpoint.') from e
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:1811.12006',
+        'paper_name': 'Global Second-order Pooling Convolutional Networks',
+        'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'gsop_resnet50.in1k': _cfg(),
+    'gsop_resnet101.in1k': _cfg(),
+    'gsop2_resnet50.in1k': _cfg(),
+    'gsop2_resnet101.in1k': _cfg(),
+})
+
+_NET1 = dict(block=Bottleneck, gsop_stages=(True, True, True, True), global_pool='avg')
+_NET2 = dict(block=Bottleneck, gsop_stages=(True, True, True, False), global_pool='isqrt', isqrt_dim=256, isqrt_iters=3)
+
+
+@register_model
+def gsop_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """GSoP-Net1, ResNet-50: GSoP in the last block of all 4 stages, average pooling."""
+    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(_NET1, layers=(3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def gsop_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """GSoP-Net1, ResNet-101: GSoP in the last block of all 4 stages, average pooling."""
+    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(_NET1, layers=(3, 4, 23, 3), **kwargs))
+
+
+@register_model
+def gsop2_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """GSoP-Net2, ResNet-50: GSoP in stages 1-3, iSQRT-COV head (256-d, 3 iterations)."""
+    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(_NET2, layers=(3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def gsop2_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """GSoP-Net2, ResNet-101: GSoP in stages 1-3, iSQRT-COV head (256-d, 3 iterations)."""
+    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(_NET2, layers=(3, 4, 23, 3), **kwargs))

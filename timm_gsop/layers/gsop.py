@@ -16,7 +16,7 @@ Parameter names differ from the released code (``conv_for_DR`` -> ``conv_reduce`
 ``checkpoint_filter_fn`` maps them.
 """
 import math
-from typing import Optional, Tuple, Type, Union
+from typing import Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -71,16 +71,23 @@ class CovarianceGate(nn.Module):
 
     def forward(self, mat: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            if mat.dim() != 3 or mat.shape[1] != self.size or mat.shape[2] != self.size:
-                raise ValueError(
-                    f'CovarianceGate expects (B, {self.size}, {self.size}) matrices, got {tuple(mat.shape)}')
+            _check_square(mat, self.size)
             if autocast_active(mat):
                 with torch.autocast(device_type=mat.device.type, enabled=False):
                     return self._gate(mat)
         return self._gate(mat)
 
 
+def _check_square(mat: Tensor, size: int) -> None:
+    if isinstance(mat, torch.fx.Proxy):
+        return
+    if mat.dim() != 3 or mat.shape[1] != size or mat.shape[2] != size:
+        raise ValueError(f'CovarianceGate expects (B, {size}, {size}) matrices, got shape {tuple(mat.shape)}')
+
+
 def _check_channels(x: Tensor, channels: int, name: str) -> None:
+    if isinstance(x, torch.fx.Proxy):
+        return
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f'{name} expects (B, {channels}, H, W) input, got shape {tuple(x.shape)}')
 
@@ -176,7 +183,9 @@ class PositionGSoP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             _check_channels(x, self.channels, type(self).__name__)
-        return F.relu(x * self.attention(x).to(x.dtype))
+        # clamp_min instead of relu: relu saves its output for backward, and timm's Bottleneck adds the
+        # shortcut to this output in place (the released code's position modes fail to train for this reason)
+        return (x * self.attention(x).to(x.dtype)).clamp_min(0.0)
 
 
 class GSoPFusion(nn.Module):

@@ -1,0 +1,95 @@
+"""Command line: ``timm-gsop <command>`` or ``python -m timm_gsop <command>``."""
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import timm
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import __version__
+
+__all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops']
+
+
+def list_gsop_models(pattern: str = '') -> List[str]:
+    """Names of the models this package registers with timm (optionally fnmatch-filtered)."""
+    names = timm.list_models(pattern or '*')
+    return [n for n in names if timm.models.model_entrypoint(n).__module__.startswith('timm_gsop.')]
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gflops(model: torch.nn.Module, input_size: Sequence[int]) -> float:
+    """FLOPs (a multiply-add counts 2) of one forward at ``input_size`` (C, H, W), in G.
+
+    Counted by torch's FlopCounterMode (convolutions and matrix products) on the model's device; build the
+    model on the meta device to count without computing.
+    """
+    param = next(model.parameters())
+    x = torch.empty((1, *input_size), device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops() / 1e9
+
+
+def _pretrained_tags(name: str) -> str:
+    with_weights = set(timm.list_pretrained(f'{name}.*'))
+    tags = []
+    for full in timm.list_models(name, include_tags=True):
+        tag = full.split('.', 1)[1] if '.' in full else ''
+        tags.append(tag if full in with_weights else f'{tag} (no weights yet)')
+    return ', '.join(tags) or '-'
+
+
+def _zoo_rows(pattern: str) -> List[Tuple[str, ...]]:
+    rows = []
+    for name in list_gsop_models(pattern):
+        model = timm.create_model(name, device='meta')
+        input_size = tuple(model.pretrained_cfg['input_size'])
+        rows.append((
+            name,
+            f'{count_params(model):,}',
+            f'{count_gflops(model, input_size):.2f}',
+            'x'.join(map(str, input_size)),
+            _pretrained_tags(name),
+        ))
+    return rows
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = _zoo_rows(args.filter)
+    if not rows:
+        print(f'No timm-gsop model matches {args.filter!r}', file=sys.stderr)
+        return 1
+    print(format_table(('model', 'params', 'GFLOPs', 'input', 'pretrained tags'), rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-gsop', description='GSoP-Net (Global Second-order Pooling) models for timm.')
+    parser.add_argument('--version', action='version', version=f'timm-gsop {__version__}')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    p = sub.add_parser('list', help='print the model zoo: params, GFLOPs (multiply-add = 2), input size, tags')
+    p.add_argument('filter', nargs='?', default='', help="fnmatch pattern, e.g. 'gsop2*'")
+    p.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help()
+        return 2
+    return args.func(args)

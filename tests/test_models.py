@@ -217,7 +217,7 @@ def test_forward_intermediates_and_prune(name):
 
         kept = model.prune_intermediate_layers(indices=[1, 2])
         assert list(kept) == [1, 2]
-        assert len(model.layer4) == 0 and model.num_classes == 0
+        assert not list(model.layer4.parameters()) and model.num_classes == 0
         assert model.num_features == 512
         pruned = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
         torch.testing.assert_close(pruned[1], inter[2])

@@ -1,7 +1,7 @@
 """Second-order pooling ops: covariance, iSQRT matrix square root, triangular vectorisation.
 
-Every op here computes in float32 whatever the input dtype and whether or not the caller runs
-under ``torch.autocast``, and returns float32: covariances of ReLU features and Newton-Schulz
+Every op here computes in float32 (float64 for float64 input) whatever the input dtype and whether
+or not the caller runs under ``torch.autocast``, and returns that dtype: covariances of ReLU features and Newton-Schulz
 iterations lose too much in fp16/bf16 (the trace alone can overflow fp16 at d=256).
 
 All ops are batched (no Python loop over samples), never build an MxM centring matrix, and are
@@ -41,13 +41,18 @@ def autocast_active(x: Tensor) -> bool:
     return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
+def _upcast(x: Tensor) -> Tensor:
+    # at least float32; float64 stays float64 (exact checks, gradcheck, double-precision models)
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _check_feature_map(x: Tensor, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f'{name} expects a 4-D (B, C, H, W) feature map, got shape {tuple(x.shape)}')
 
 
 def _covariance_fp32(x: Tensor) -> Tensor:
-    x = x.flatten(2).float()
+    x = _upcast(x.flatten(2))
     num_positions = x.shape[-1]
     x = x - x.mean(dim=2, keepdim=True)
     # centred product == X I_hat X^T of the released code, without the (M, M) I_hat
@@ -55,7 +60,8 @@ def _covariance_fp32(x: Tensor) -> Tensor:
 
 
 def covariance_pool(x: Tensor) -> Tensor:
-    """Channel covariance over spatial positions: ``(B, C, H, W) -> (B, C, C)``, float32.
+    """Channel covariance over spatial positions: ``(B, C, H, W) -> (B, C, C)``, float32 (float64 in,
+    float64 out).
 
     ``S = (X - mean) (X - mean)^T / M`` with ``M = H * W`` (the biased estimator, as the paper and the
     released code use). Symmetric positive semi-definite by construction.
@@ -69,7 +75,7 @@ def covariance_pool(x: Tensor) -> Tensor:
 
 
 def _position_gram_fp32(x: Tensor) -> Tensor:
-    x = x.flatten(2).float()
+    x = _upcast(x.flatten(2))
     num_positions = x.shape[-1]
     sums = x.sum(dim=1)  # per-position sum over channels, (B, P)
     gram = torch.bmm(x.transpose(1, 2), x)
@@ -92,7 +98,7 @@ def position_gram(x: Tensor) -> Tensor:
 
 
 def _isqrt_fp32(x: Tensor, num_iters: int, eps: float) -> Tensor:
-    x = x.float()
+    x = _upcast(x)
     dim = x.shape[-1]
     eye3 = torch.eye(dim, dtype=x.dtype, device=x.device).mul_(3.0)
     # pre-normalise by the trace so that Newton-Schulz converges (eigenvalues of A in (0, 1])
@@ -115,7 +121,8 @@ def _isqrt_fp32(x: Tensor, num_iters: int, eps: float) -> Tensor:
 def isqrt(x: Tensor, num_iters: int = 3, eps: float = TRACE_EPS) -> Tensor:
     """Approximate matrix square root of SPD matrices by coupled Newton-Schulz iterations (iSQRT-COV).
 
-    ``(B, N, N) -> (B, N, N)``, float32. The input is divided by its trace, iterated ``num_iters`` times
+    ``(B, N, N) -> (B, N, N)``, float32 (or float64). The input is divided by its trace, iterated
+    ``num_iters`` times
     (``Y_{k+1} = Y_k T_k, Z_{k+1} = T_k Z_k, T_k = (3I - Z_k Y_k) / 2``, the last step computing Y only),
     and multiplied by ``sqrt(trace)``. The trace is floored at ``eps`` so an all-zero matrix gives zeros
     with finite gradients. ``num_iters=1`` gives ``A (3I - A) / 2`` (the released code returns the Z

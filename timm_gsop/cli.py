@@ -1,5 +1,6 @@
 """Command line: ``timm-gsop <command>`` or ``python -m timm_gsop <command>``."""
 import argparse
+import importlib
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -9,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 
-__all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops']
+__all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops', 'format_table']
+
+_COMMAND_MODULES: List[str] = []
 
 
 def list_gsop_models(pattern: str = '') -> List[str]:
@@ -83,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('list', help='print the model zoo: params, GFLOPs (multiply-add = 2), input size, tags')
     p.add_argument('filter', nargs='?', default='', help="fnmatch pattern, e.g. 'gsop2*'")
     p.set_defaults(func=_cmd_list)
+    # other commands live beside the code they drive; each module has add_parser(subparsers), which
+    # registers its sub-command with set_defaults(func=handler) (handler: argparse.Namespace -> exit code)
+    for module_name in _COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

@@ -21,13 +21,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.cov_pool import ISqrtCovPool
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
+from ._common import CheckpointMismatchError, build_gsop_model, gsop_cfg
 
 __all__ = ['GSoPResNet', 'checkpoint_filter_fn', 'CheckpointMismatchError', 'POOL_TYPES']
 
@@ -192,10 +192,6 @@ def _init_like_resnet(module: nn.Module) -> None:
 
 # ---- checkpoints of the released code ------------------------------------------------------------------
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
-
-
 # released Bottleneck attribute -> (branch, our name inside the GSoP module); branch None = fusion itself
 _OFFICIAL_BLOCK_KEYS = {
     'conv_for_DR': ('channel', 'conv_reduce'),
@@ -304,40 +300,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 # ---- builders and registrations ------------------------------------------------------------------------
 
 def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
-    try:
-        return build_model_with_cfg(
-            GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    except CheckpointMismatchError:
-        raise
-    except (RuntimeError, EOFError, OSError) as e:
-        if not pretrained:
-            raise
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        source = overlay.get('file') or overlay.get('hf_hub_id') or 'its pretrained_cfg'
-        raise RuntimeError(
-            f'Could not load pretrained weights for {variant} from {source}: {e}. '
-            'The file may be truncated, or not a PyTorch / safetensors checkpoint.') from e
-
-
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
-        'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'license': 'mit',
-        'paper_ids': 'arXiv:1811.12006',
-        'paper_name': 'Global Second-order Pooling Convolutional Networks',
-        'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
-        **kwargs,
-    }
+    return build_gsop_model(GSoPResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    'gsop_resnet50.in1k': _cfg(),
-    'gsop_resnet101.in1k': _cfg(),
-    'gsop2_resnet50.in1k': _cfg(),
-    'gsop2_resnet101.in1k': _cfg(),
+    'gsop_resnet50.in1k': gsop_cfg(),
+    'gsop_resnet101.in1k': gsop_cfg(),
+    'gsop2_resnet50.in1k': gsop_cfg(),
+    'gsop2_resnet101.in1k': gsop_cfg(),
 })
 
 _NET1 = dict(block=Bottleneck, gsop_stages=(True, True, True, True), global_pool='avg')

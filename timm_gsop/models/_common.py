@@ -5,7 +5,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
-__all__ = ['HUB_NAMESPACE', 'CheckpointMismatchError', 'gsop_cfg', 'build_gsop_model']
+__all__ = ['HUB_NAMESPACE', 'CheckpointMismatchError', 'gsop_cfg', 'with_hub_ids', 'build_gsop_model']
 
 # Hugging Face Hub organisation the pretrained cfgs point at (repo ids are '<namespace>/<model>.<tag>').
 HUB_NAMESPACE = 'timm-gsop'
@@ -32,6 +32,11 @@ def gsop_cfg(**kwargs: Any) -> Dict[str, Any]:
         **GSOP_PAPER,
         **kwargs,
     }
+
+
+def with_hub_ids(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Point each ``'model.tag'`` cfg at its Hub repo ``'<HUB_NAMESPACE>/model.tag'`` (unless set)."""
+    return {name: {'hf_hub_id': f'{HUB_NAMESPACE}/{name}', **cfg} for name, cfg in cfgs.items()}
 
 
 def build_gsop_model(

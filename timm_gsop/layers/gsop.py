@@ -26,7 +26,7 @@ from torch import Tensor
 from timm.layers import register_notrace_module
 
 from . import second_order
-from .second_order import autocast_active
+from .second_order import autocast_active, skip_checks
 
 __all__ = ['GSOP_MANNERS', 'CovarianceGate', 'ChannelGSoP', 'PositionGSoP', 'GSoPFusion', 'create_gsop']
 
@@ -79,14 +79,14 @@ class CovarianceGate(nn.Module):
 
 
 def _check_square(mat: Tensor, size: int) -> None:
-    if isinstance(mat, torch.fx.Proxy):
+    if skip_checks(mat):
         return
     if mat.dim() != 3 or mat.shape[1] != size or mat.shape[2] != size:
         raise ValueError(f'CovarianceGate expects (B, {size}, {size}) matrices, got shape {tuple(mat.shape)}')
 
 
 def _check_channels(x: Tensor, channels: int, name: str) -> None:
-    if isinstance(x, torch.fx.Proxy):
+    if skip_checks(x):
         return
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f'{name} expects (B, {channels}, H, W) input, got shape {tuple(x.shape)}')

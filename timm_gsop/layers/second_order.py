@@ -21,7 +21,7 @@ from timm.layers import register_notrace_function
 
 __all__ = [
     'covariance_pool', 'position_gram', 'isqrt', 'triu_vectorize', 'triu_indices_flat',
-    'autocast_active', 'TRACE_EPS',
+    'autocast_active', 'TRACE_EPS', 'skip_checks',
 ]
 
 # Guard for the trace normalisation in iSQRT. A ReLU feature map that is all zero (a blank image,
@@ -41,12 +41,19 @@ def autocast_active(x: Tensor) -> bool:
     return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
+def skip_checks(x: Tensor) -> bool:
+    """True while fx or torch.jit.trace records a graph: shape checks would be baked in (or fail)."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+
+
 def _upcast(x: Tensor) -> Tensor:
     # at least float32; float64 stays float64 (exact checks, gradcheck, double-precision models)
     return x if x.dtype == torch.float64 else x.float()
 
 
 def _check_feature_map(x: Tensor, name: str) -> None:
+    if skip_checks(x):
+        return
     if x.dim() != 4:
         raise ValueError(f'{name} expects a 4-D (B, C, H, W) feature map, got shape {tuple(x.shape)}')
 
@@ -129,7 +136,7 @@ def isqrt(x: Tensor, num_iters: int = 3, eps: float = TRACE_EPS) -> Tensor:
     factor there, a bug; the paper's networks use 3 and 5).
     """
     if not torch.jit.is_scripting():
-        if x.dim() != 3 or x.shape[-1] != x.shape[-2]:
+        if not skip_checks(x) and (x.dim() != 3 or x.shape[-1] != x.shape[-2]):
             raise ValueError(f'isqrt expects a batch of square matrices (B, N, N), got shape {tuple(x.shape)}')
         if num_iters < 1:
             raise ValueError(f'isqrt num_iters must be >= 1, got {num_iters}')
@@ -155,7 +162,7 @@ def triu_vectorize(x: Tensor) -> Tensor:
     One gather with a precomputed index, no per-sample loop. Keeps the input dtype.
     """
     if not torch.jit.is_scripting():
-        if x.dim() != 3 or x.shape[-1] != x.shape[-2]:
+        if not skip_checks(x) and (x.dim() != 3 or x.shape[-1] != x.shape[-2]):
             raise ValueError(f'triu_vectorize expects (B, N, N), got shape {tuple(x.shape)}')
     index = triu_indices_flat(x.shape[-1], x.device)
     return x.flatten(1).index_select(1, index)

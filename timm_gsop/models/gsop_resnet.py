@@ -26,6 +26,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.cov_pool import ISqrtCovPool
+from ..layers.second_order import skip_checks
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
 from ._common import CheckpointMismatchError, build_gsop_model, gsop_cfg
 
@@ -57,12 +58,15 @@ class GSoPResNet(ResNet):
         zero_init_last: zero-init each bottleneck's last BN. Off by default: the released code does not,
             and it would start every GSoP block on an all-zero input.
     """
+    # smallest input side accepted: the final map is then 2x2 (stride 16)
+    min_input_size: int = 32
 
     def __init__(
             self,
             block: type = Bottleneck,
             layers: Tuple[int, ...] = (3, 4, 6, 3),
             num_classes: int = 1000,
+            in_chans: int = 3,
             global_pool: str = 'avg',
             gsop_manner: str = 'channel',
             gsop_dim: int = 128,
@@ -88,8 +92,10 @@ class GSoPResNet(ResNet):
         dd = {'device': device, 'dtype': dtype}
         # build with a parameter-free head first; the real one (maybe iSQRT-COV) is made by _create_head
         super().__init__(
-            block=block, layers=layers, num_classes=0, global_pool='avg', zero_init_last=zero_init_last,
+            block=block, layers=layers, num_classes=0, in_chans=in_chans, global_pool='avg',
+            zero_init_last=zero_init_last,
             **kwargs, **dd)
+        self.in_chans = in_chans
         self.gsop_manner = gsop_manner
         self.gsop_dim = gsop_dim
         self.gsop_stages = tuple(bool(s) for s in gsop_stages)
@@ -143,6 +149,17 @@ class GSoPResNet(ResNet):
             pooled = self.num_features * self.global_pool.feat_mult() if global_pool else self.num_features
         self.head_hidden_size = pooled
 
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        _check_input(self, x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            _check_input(self, x)  # before any heavy compute
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier; keeps the pooling (and a trained iSQRT-COV head) when ``global_pool``
         is None or unchanged."""
@@ -152,6 +169,23 @@ class GSoPResNet(ResNet):
         self._create_head(num_classes, global_pool, keep_pool=True)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
+
+
+def _check_input(model: GSoPResNet, x: torch.Tensor) -> None:
+    if skip_checks(x):
+        return
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    expected = f'(B, {model.in_chans}, H, W) with H, W >= {model.min_input_size}'
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'{name} expects a tensor {expected}, got {type(x).__name__}')
+    if x.dim() != 4:
+        raise ValueError(f'{name} expects a 4-D input {expected}, got shape {tuple(x.shape)}')
+    if x.shape[1] != model.in_chans:
+        raise ValueError(
+            f'{name} expects {model.in_chans} input channels {expected}, got shape {tuple(x.shape)} '
+            f'(create the model with in_chans={x.shape[1]} for other channel counts)')
+    if x.shape[-2] < model.min_input_size or x.shape[-1] < model.min_input_size:
+        raise ValueError(f'{name} input is too small: expected {expected}, got shape {tuple(x.shape)}')
 
 
 def _check_pool_type(pool_type: str) -> None:

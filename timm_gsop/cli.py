@@ -12,7 +12,7 @@ from . import __version__
 
 __all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops', 'format_table']
 
-_COMMAND_MODULES: List[str] = ['timm_gsop.onnx_export']
+_COMMAND_MODULES: List[str] = ['timm_gsop.onnx_export', 'timm_gsop.bench']
 
 
 def list_gsop_models(pattern: str = '') -> List[str]:

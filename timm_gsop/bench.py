@@ -1,0 +1,352 @@
+"""Side-by-side benchmarks: ``timm-gsop bench``.
+
+All models of one run live in ONE process and are timed interleaved (model A, model B, model A, ...
+after a warm-up), so a ratio against ``--baseline`` compares runs made under the same machine state.
+Reported per model and batch size: inference and train-step (forward + backward + SGD step) images/s
+as median [min, max] over repeats, the median of the per-repeat ratios against the baseline, peak memory
+of a train step, params and GFLOPs. ``--ops`` adds the op-level comparisons against the released code's
+formulations (MxM centring covariance, per-sample iSQRT / triangle loops).
+"""
+import argparse
+import ast
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import timm
+
+from .cli import count_gflops, count_params, format_table
+from .layers import second_order
+
+__all__ = ['parse_model_spec', 'bench_models', 'bench_ops', 'add_parser']
+
+
+def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """``'name'`` or ``'name:key=value:key=value'`` (values are Python literals) -> (name, kwargs).
+
+    e.g. ``gsop_resnet50:gsop_stages=(0,0,0,0)`` is GSoP-Net1's stride-1 backbone without GSoP blocks.
+    """
+    name, *items = spec.split(':')
+    kwargs = {}
+    for item in items:
+        if '=' not in item:
+            raise ValueError(f'model spec {spec!r}: expected key=value after the name, got {item!r}')
+        key, value = item.split('=', 1)
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _pin_malloc_to_mmap() -> None:
+    """Make glibc serve every block >= 64 KiB by mmap and unmap it on free (fixed threshold, no trimming
+    heuristics), so the process RSS follows live tensor memory and the peak-RSS reading means something."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_rss_reset() -> Optional[int]:
+    """Reset the process's peak RSS (Linux) and return the current RSS in bytes, or None if unsupported."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return _proc_status('VmRSS')
+    except OSError:
+        return None
+
+
+def _proc_status(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+class _Runner:
+    def __init__(self, spec: str, batch: int, img_size: int, device: torch.device, channels_last: bool,
+                 compile_model: bool, amp_dtype: Optional[torch.dtype]):
+        self.spec = spec
+        name, kwargs = parse_model_spec(spec)
+        self.model = timm.create_model(name, **kwargs).to(device)
+        self.params = count_params(self.model)
+        in_chans = self.model.pretrained_cfg.get('input_size', (3,))[0]
+        meta = timm.create_model(name, device='meta', **kwargs)
+        self.gflops = count_gflops(meta, (in_chans, img_size, img_size))
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=memory_format)
+        self.x = torch.randn(batch, in_chans, img_size, img_size, device=device).to(memory_format=memory_format)
+        self.target = torch.randint(0, self.model.num_classes, (batch,), device=device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.fn = torch.compile(self.model) if compile_model else self.model
+        self.device = device
+        self.batch = batch
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    def infer(self) -> None:
+        self.fn.eval()
+        with torch.inference_mode(), self.autocast():
+            self.fn(self.x)
+
+    def train_step(self) -> None:
+        self.fn.train()
+        with self.autocast():
+            loss = nn.functional.cross_entropy(self.fn(self.x).float(), self.target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def time(self, fn: Callable[[], None], steps: int) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(self.device)
+        return self.batch * steps / (time.perf_counter() - start)
+
+    def peak_train_memory(self) -> Optional[int]:
+        """Peak memory of one train step above what was held before it (bytes)."""
+        if self.device.type == 'cuda':
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            self.train_step()
+            _sync(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+        before = _peak_rss_reset()
+        if before is None:
+            return None
+        self.train_step()
+        return _proc_status('VmHWM') - before
+
+
+def _summary(values: Sequence[float]) -> Dict[str, float]:
+    return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def bench_models(
+        specs: Sequence[str],
+        baseline: Optional[str] = None,
+        batch_sizes: Sequence[int] = (8,),
+        img_size: int = 224,
+        modes: Sequence[str] = ('infer', 'train'),
+        warmup: int = 2,
+        steps: int = 3,
+        repeats: int = 5,
+        device: str = 'cpu',
+        channels_last: bool = False,
+        compile_model: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
+        memory: bool = True,
+        progress: Optional[Callable[[str], None]] = None,
+) -> List[Dict[str, Any]]:
+    """Time ``specs`` interleaved; one result dict per (model, batch size)."""
+    specs = list(dict.fromkeys(list(specs) + ([baseline] if baseline else [])))
+    for mode in modes:
+        if mode not in ('infer', 'train'):
+            raise ValueError(f"Unknown bench mode {mode!r}; valid choices: 'infer', 'train'")
+    dev = torch.device(device)
+    if memory and dev.type == 'cpu':
+        _pin_malloc_to_mmap()
+    progress = progress or (lambda msg: None)
+    results = []
+    for batch in batch_sizes:
+        runners = [_Runner(s, batch, img_size, dev, channels_last, compile_model, amp_dtype) for s in specs]
+        ips: Dict[Tuple[str, str], List[float]] = {(r.spec, m): [] for r in runners for m in modes}
+        for mode in modes:
+            for r in runners:
+                progress(f'batch {batch}: warm-up {mode} {r.spec}')
+                for _ in range(warmup):
+                    getattr(r, 'infer' if mode == 'infer' else 'train_step')()
+        for rep in range(repeats):
+            for mode in modes:
+                for r in runners:  # interleaved: every model once per repeat, same conditions
+                    progress(f'batch {batch}: repeat {rep + 1}/{repeats} {mode} {r.spec}')
+                    fn = r.infer if mode == 'infer' else r.train_step
+                    ips[(r.spec, mode)].append(r.time(fn, steps))
+        for r in runners:
+            row: Dict[str, Any] = {
+                'model': r.spec, 'batch_size': batch, 'img_size': img_size, 'device': device,
+                'channels_last': channels_last, 'compile': compile_model,
+                'amp': str(amp_dtype).replace('torch.', '') if amp_dtype else None,
+                'params': r.params, 'gflops': r.gflops,
+            }
+            for mode in modes:
+                row[f'{mode}_img_s'] = _summary(ips[(r.spec, mode)])
+                if baseline:
+                    ratios = [a / b for a, b in zip(ips[(r.spec, mode)], ips[(baseline, mode)])]
+                    row[f'{mode}_ratio'] = _summary(ratios)
+            if memory and 'train' in modes:
+                progress(f'batch {batch}: peak memory {r.spec}')
+                row['peak_train_mem_mb'] = _mb(r.peak_train_memory())
+            results.append(row)
+        del runners
+    return results
+
+
+def _mb(value: Optional[int]) -> Optional[float]:
+    return None if value is None else value / 2 ** 20
+
+
+# ---- op-level comparisons with the released formulations ---------------------------------------------------
+
+def covariance_mxm(x: torch.Tensor) -> torch.Tensor:
+    """The released code's covariance: X I_hat X^T with an (M, M) centring matrix per sample."""
+    b, c, h, w = x.shape
+    m = h * w
+    x = x.reshape(b, c, m)
+    i_hat = (-1.0 / m / m) * torch.ones(m, m, device=x.device) + (1.0 / m) * torch.eye(m, device=x.device)
+    i_hat = i_hat.view(1, m, m).repeat(b, 1, 1).type(x.dtype)
+    return x.bmm(i_hat).bmm(x.transpose(1, 2))
+
+
+def isqrt_triu_per_sample(x: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """The same maths as ``triu_vectorize(isqrt(x))``, one sample at a time (released code's loops)."""
+    rows = []
+    n = x.shape[-1]
+    index = torch.ones(n, n).triu().t().reshape(-1).nonzero().squeeze(1)
+    for a in x:
+        eye3 = 3.0 * torch.eye(n, dtype=a.dtype)
+        trace = a.trace()
+        a_n = a / trace
+        zy = 0.5 * (eye3 - a_n)
+        y, z = a_n @ zy, zy
+        for _ in range(num_iters - 2):
+            zy = 0.5 * (eye3 - z @ y)
+            y, z = y @ zy, zy @ z
+        y = 0.5 * y @ (eye3 - z @ y)
+        rows.append((y * trace.sqrt()).reshape(-1)[index])
+    return torch.stack(rows)
+
+
+def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int) -> float:
+    x = x.detach().requires_grad_()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn(x).sum().backward()
+        x.grad = None
+    return (time.perf_counter() - start) / steps
+
+
+def bench_ops(repeats: int = 5, steps: int = 3) -> List[Dict[str, Any]]:
+    """Ours vs the released formulations, forward + backward, interleaved; seconds per call."""
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.relu(torch.randn(8, 128, 28, 28, generator=gen))
+    a = torch.randn(8, 256, 400, generator=gen)
+    spd = a @ a.transpose(1, 2) / 400
+    cases = [
+        ('covariance (8,128,28,28)', second_order.covariance_pool, covariance_mxm, feats),
+        ('isqrt+triu (8,256,256), 3 iters',
+         lambda t: second_order.triu_vectorize(second_order.isqrt(t, 3)),
+         lambda t: isqrt_triu_per_sample(t, 3), spd),
+    ]
+    rows = []
+    for label, ours, reference, x in cases:
+        torch.testing.assert_close(ours(x), reference(x).float(), rtol=1e-3, atol=1e-4)  # same maths
+        for fn in (ours, reference):
+            _time_fwd_bwd(fn, x, 1)
+        t_ours, t_ref = [], []
+        for _ in range(repeats):
+            t_ours.append(_time_fwd_bwd(ours, x, steps))
+            t_ref.append(_time_fwd_bwd(reference, x, steps))
+        rows.append({
+            'op': label, 'ours_ms': _summary([t * 1e3 for t in t_ours]),
+            'reference_ms': _summary([t * 1e3 for t in t_ref]),
+            'speedup': _summary([r / o for o, r in zip(t_ours, t_ref)]),
+        })
+    return rows
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+def _fmt(s: Dict[str, float], digits: int = 1) -> str:
+    return f'{s["median"]:.{digits}f} [{s["min"]:.{digits}f}, {s["max"]:.{digits}f}]'
+
+
+def format_results(results: List[Dict[str, Any]], ops: Optional[List[Dict[str, Any]]] = None) -> str:
+    modes = [m for m in ('infer', 'train') if results and f'{m}_img_s' in results[0]]
+    ratio = results and any(f'{m}_ratio' in results[0] for m in modes)
+    header = ['model', 'batch', 'params', 'GFLOPs']
+    for m in modes:
+        header += [f'{m} img/s', f'{m} ratio'] if ratio else [f'{m} img/s']
+    header.append('train peak MB')
+    rows = []
+    for r in results:
+        row = [r['model'], str(r['batch_size']), f'{r["params"]:,}', f'{r["gflops"]:.2f}']
+        for m in modes:
+            row.append(_fmt(r[f'{m}_img_s']))
+            if ratio:
+                row.append(_fmt(r[f'{m}_ratio'], 3))
+        mem = r.get('peak_train_mem_mb')
+        row.append('-' if mem is None else f'{mem:.0f}')
+        rows.append(row)
+    text = format_table(header, rows)
+    if ops:
+        op_rows = [[o['op'], _fmt(o['ours_ms'], 2), _fmt(o['reference_ms'], 2), _fmt(o['speedup'], 2)] for o in ops]
+        text += '\n\n' + format_table(['op (fwd+bwd)', 'ours ms', 'released-style ms', 'speedup'], op_rows)
+    return text
+
+
+_AMP = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp = _AMP[args.amp] if args.amp else None
+    log = (lambda msg: print(f'[bench] {msg}', file=sys.stderr, flush=True)) if not args.quiet else None
+    results = bench_models(
+        args.model, baseline=args.baseline, batch_sizes=args.batch_size, img_size=args.img_size,
+        modes=args.mode, warmup=args.warmup, steps=args.steps, repeats=args.repeats, device=args.device,
+        channels_last=args.channels_last, compile_model=args.compile, amp_dtype=amp,
+        memory=not args.no_memory, progress=log)
+    ops = bench_ops(repeats=args.repeats) if args.ops else None
+    meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(),
+            'command': 'timm-gsop ' + ' '.join(sys.argv[1:]) if sys.argv else ''}
+    if args.json:
+        payload = {'meta': meta, 'models': results, 'ops': ops}
+        with open(args.json, 'w') as f:
+            json.dump(payload, f, indent=2)
+    print(f'torch {meta["torch"]}, timm {meta["timm"]}, {meta["threads"]} threads, device {args.device}, '
+          f'{args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
+    print(format_results(results, ops))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser('bench', help='side-by-side throughput / memory benchmark (one process, interleaved)')
+    p.add_argument('--model', nargs='+', default=['gsop_resnet50', 'gsop_resnet50:gsop_stages=(0,0,0,0)'],
+                   help="model specs: name or name:key=value:... (e.g. 'gsop_resnet50:gsop_stages=(0,0,0,0)')")
+    p.add_argument('--baseline', default=None, help='spec the ratio column is measured against')
+    p.add_argument('--batch-size', type=int, nargs='+', default=[8])
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--mode', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--steps', type=int, default=3, help='steps per timed measurement')
+    p.add_argument('--repeats', type=int, default=5, help='interleaved measurements per model')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile each model')
+    p.add_argument('--amp', choices=sorted(_AMP), default=None, help='autocast dtype')
+    p.add_argument('--ops', action='store_true', help='also compare the ops with the released formulations')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    p.add_argument('--json', help='also write the results as JSON to this file')
+    p.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
+    p.set_defaults(func=_cmd_bench)

@@ -50,15 +50,19 @@ def _assert_finite_forward_backward(model, x, autocast_dtype=None):
 
 
 @pytest.mark.parametrize('name', MODELS)
-@pytest.mark.parametrize('kind', list(IMAGES))
-def test_degenerate_images_finite_fp32_and_bf16(name, kind):
+def test_degenerate_images_finite_fp32_and_bf16(name):
+    """All-zero, constant, x1e4 and x1e-4 images: finite outputs and gradients, train and eval mode,
+    fp32 and bf16 autocast. In eval mode samples are independent, so the four kinds share one batch; in
+    train mode BatchNorm couples a batch, so each kind is its own batch."""
     model = _model(name)
-    x = _images(kind, model)
-    for train in (True, False):
-        model.train(train)
-        for dtype in (None, torch.bfloat16):
-            out = _assert_finite_forward_backward(model, x, dtype)
-            assert out.dtype == (dtype or torch.float32)
+    for dtype in (None, torch.bfloat16):
+        model.train()
+        for kind in IMAGES:
+            out = _assert_finite_forward_backward(model, _images(kind, model), dtype)
+            assert out.dtype == (dtype or torch.float32), kind
+        model.eval()
+        mixed = torch.cat([_images(kind, model, batch=1) for kind in IMAGES])
+        _assert_finite_forward_backward(model, mixed, dtype)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -220,3 +224,17 @@ def test_onnx_export_failure_leaves_previous_file(tmp_path, monkeypatch):
         onnx_export.export_onnx(nn.Conv2d(3, 3, 1), path, input_size=(3, 8, 8))
     assert path.read_bytes() == b'previous good export'
     assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']  # no temp file left behind
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_every_gsop_family_checks_its_input(name):
+    from timm_gsop.models._common import InputCheckMixin
+    model = timm.create_model(name, device='meta')  # rejected before any compute, so meta weights do
+    if not isinstance(model, InputCheckMixin):
+        assert name.startswith('cbamresnet')  # timm's own ResNet class, like seresnet50
+        return
+    size = model.min_input_size
+    for shape, message in (((3, size, size), '4-D input'), ((1, 5, size, size), 'expects 3 input channels'),
+                           ((1, 3, size - 1, size), 'too small')):
+        with pytest.raises(ValueError, match=message):
+            model(torch.randn(shape))

@@ -1,5 +1,6 @@
 """Command line: ``timm-gsop <command>`` or ``python -m timm_gsop <command>``."""
 import argparse
+import fnmatch
 import importlib
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -12,7 +13,7 @@ from . import __version__
 
 __all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops', 'format_table']
 
-_COMMAND_MODULES: List[str] = ['timm_gsop.onnx_export', 'timm_gsop.bench']
+_COMMAND_MODULES: List[str] = ['timm_gsop.onnx_export', 'timm_gsop.bench', 'timm_gsop.hub']
 
 
 def list_gsop_models(pattern: str = '') -> List[str]:
@@ -40,11 +41,12 @@ def count_gflops(model: torch.nn.Module, input_size: Sequence[int]) -> float:
 
 
 def _pretrained_tags(name: str) -> str:
-    with_weights = set(timm.list_pretrained(f'{name}.*'))
+    # every cfg names a Hub repo (timm.list_pretrained lists them all): published ones are in PUBLISHED
+    from .models._common import has_published_weights
     tags = []
     for full in timm.list_models(name, include_tags=True):
         tag = full.split('.', 1)[1] if '.' in full else ''
-        tags.append(tag if full in with_weights else f'{tag} (no weights yet)')
+        tags.append(tag if has_published_weights(full) else f'{tag} (no weights yet)')
     return ', '.join(tags) or '-'
 
 
@@ -69,7 +71,46 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
 
 
+# The paper's ImageNet-1k ResNet-50 comparison set: (model, method, top-1 err %, top-5 err %, reported by).
+# Errors are the cited sources' single 224-crop numbers, never measured here; None where none is published.
+PAPER_COMPARISON: Tuple[Tuple[str, str, Optional[float], Optional[float], str], ...] = (
+    ('resnet50', 'ResNet-50 (timm)', None, None, '-'),
+    ('seresnet50', 'SE-ResNet-50 (timm)', 23.29, None, 'ECA-Net Tab. 3 (acc. 76.71)'),
+    ('cbamresnet50', 'CBAM-ResNet-50', 22.66, None, 'ECA-Net Tab. 3 (acc. 77.34)'),
+    ('isqrt_resnet50', 'iSQRT-COV ResNet-50', 22.14, 6.22, 'fast-MPN-COV README (paper)'),
+    ('gsop_resnet50', 'GSoP-Net1 ResNet-50', 22.02, 5.88, 'GSoP-Net paper'),
+    ('gsop2_resnet50', 'GSoP-Net2 ResNet-50', 21.19, 5.64, 'GSoP-Net paper'),
+)
+
+
+def compare_rows(pattern: str = '') -> List[Tuple[str, ...]]:
+    """Rows of ``timm-gsop list --compare``: params and GFLOPs at 3x224x224 (counted), errors (reported)."""
+    rows = []
+    for name, method, top1, top5, source in PAPER_COMPARISON:
+        if pattern and not fnmatch.fnmatch(name, pattern):
+            continue
+        model = timm.create_model(name, device='meta')
+        fmt = lambda err: '-' if err is None else f'{err:.2f}'
+        rows.append((name, method, f'{count_params(model):,}', f'{count_gflops(model, (3, 224, 224)):.2f}',
+                     fmt(top1), fmt(top5), source))
+    return rows
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    rows = compare_rows(args.filter)
+    if not rows:
+        print(f'No model of the comparison matches {args.filter!r}', file=sys.stderr)
+        return 1
+    print(format_table(('model', 'method', 'params', 'GFLOPs', 'top-1 err (reported)', 'top-5 err (reported)',
+                        'reported by'), rows))
+    print('\nParams and GFLOPs (multiply-add = 2) counted here at 3x224x224, 1000 classes; errors (%, ImageNet-1k '
+          'val, single 224 crop) as reported by the cited source, not measured by this package.')
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    if getattr(args, 'compare', False):
+        return _cmd_compare(args)
     rows = _zoo_rows(args.filter)
     if not rows:
         print(f'No timm-gsop model matches {args.filter!r}', file=sys.stderr)
@@ -85,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     p = sub.add_parser('list', help='print the model zoo: params, GFLOPs (multiply-add = 2), input size, tags')
     p.add_argument('filter', nargs='?', default='', help="fnmatch pattern, e.g. 'gsop2*'")
+    p.add_argument('--compare', action='store_true',
+                   help="the paper's ResNet-50 comparison (ResNet, SE, CBAM, iSQRT-COV, GSoP-Net1/2): params, "
+                        'GFLOPs and the reported top-1/top-5 errors')
     p.set_defaults(func=_cmd_list)
     # other commands live beside the code they drive; each module has add_parser(subparsers), which
     # registers its sub-command with set_defaults(func=handler) (handler: argparse.Namespace -> exit code)

@@ -16,29 +16,25 @@ The backbone is timm's own ``ResNet``/``Bottleneck``; the GSoP module sits in th
 slot (``block.se``), which is applied to the ``bn3`` output before the residual add, exactly where the
 released code applies it.
 """
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from timm.layers import create_classifier
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.cov_pool import ISqrtCovPool
-from ..layers.second_order import skip_checks
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
-from ._common import CheckpointMismatchError, build_gsop_model, gsop_cfg
+from ._common import POOL_TYPES, CheckpointMismatchError, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, \
+    build_gsop_model, check_choice, check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
 
 __all__ = ['GSoPResNet', 'checkpoint_filter_fn', 'CheckpointMismatchError', 'POOL_TYPES']
-
-# Pool types accepted as ``global_pool``: timm's adaptive pools, the iSQRT-COV head, or '' (none).
-POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'isqrt', '')
 
 _GSoPModule = (ChannelGSoP, PositionGSoP, GSoPFusion)
 
 
-class GSoPResNet(ResNet):
+class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
     """timm ``ResNet`` with GSoP blocks, a stride-1 last stage and an optional iSQRT-COV head.
 
     Every timm ``ResNet`` argument is accepted (``drop_rate``, ``drop_path_rate``, ``drop_block_rate``,
@@ -58,8 +54,7 @@ class GSoPResNet(ResNet):
         zero_init_last: zero-init each bottleneck's last BN. Off by default: the released code does not,
             and it would start every GSoP block on an all-zero input.
     """
-    # smallest input side accepted: the final map is then 2x2 (stride 16)
-    min_input_size: int = 32
+    min_input_size: int = 32  # the final map is then 2x2 (stride 16)
 
     def __init__(
             self,
@@ -82,9 +77,8 @@ class GSoPResNet(ResNet):
             dtype=None,
             **kwargs: Any,
     ) -> None:
-        if gsop_manner not in GSOP_MANNERS:
-            raise ValueError(f'Unknown gsop_manner {gsop_manner!r}; valid choices: {", ".join(GSOP_MANNERS)}')
-        _check_pool_type(global_pool)
+        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
+        check_pool_type(global_pool)
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
         if len(gsop_stages) != len(layers):
@@ -120,82 +114,11 @@ class GSoPResNet(ResNet):
                 pool_size=gsop_pool_size,
                 **dd,
             )
-            _init_like_resnet(gsop)
+            init_like_resnet(gsop)
             last_block.se = gsop
 
         self._create_head(num_classes, global_pool)
-        if bn_momentum is not None or bn_eps is not None:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = m.momentum if bn_momentum is None else bn_momentum
-                    m.eps = m.eps if bn_eps is None else bn_eps
-
-    def _create_head(self, num_classes: int, global_pool: str, keep_pool: bool = False) -> None:
-        dd = _device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool == 'isqrt':
-            if not (keep_pool and isinstance(self.global_pool, ISqrtCovPool)):
-                self.global_pool = ISqrtCovPool(
-                    self.num_features, dim=self.isqrt_dim, num_iters=self.isqrt_iters, **dd)
-                _init_like_resnet(self.global_pool)
-            pooled = self.global_pool.out_features
-            self.fc = nn.Linear(pooled, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        else:
-            if not global_pool and num_classes > 0:
-                raise ValueError(
-                    f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}")
-            self.global_pool, self.fc = create_classifier(
-                self.num_features, num_classes, pool_type=global_pool, **dd)
-            pooled = self.num_features * self.global_pool.feat_mult() if global_pool else self.num_features
-        self.head_hidden_size = pooled
-
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        _check_input(self, x)
-        return super().forward_intermediates(x, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            _check_input(self, x)  # before any heavy compute
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier; keeps the pooling (and a trained iSQRT-COV head) when ``global_pool``
-        is None or unchanged."""
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        _check_pool_type(global_pool)
-        self._create_head(num_classes, global_pool, keep_pool=True)
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
-
-def _check_input(model: GSoPResNet, x: torch.Tensor) -> None:
-    if skip_checks(x):
-        return
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-    expected = f'(B, {model.in_chans}, H, W) with H, W >= {model.min_input_size}'
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'{name} expects a tensor {expected}, got {type(x).__name__}')
-    if x.dim() != 4:
-        raise ValueError(f'{name} expects a 4-D input {expected}, got shape {tuple(x.shape)}')
-    if x.shape[1] != model.in_chans:
-        raise ValueError(
-            f'{name} expects {model.in_chans} input channels {expected}, got shape {tuple(x.shape)} '
-            f'(create the model with in_chans={x.shape[1]} for other channel counts)')
-    if x.shape[-2] < model.min_input_size or x.shape[-1] < model.min_input_size:
-        raise ValueError(f'{name} input is too small: expected {expected}, got shape {tuple(x.shape)}')
-
-
-def _check_pool_type(pool_type: str) -> None:
-    if pool_type not in POOL_TYPES:
-        raise ValueError(f'Unknown global_pool {pool_type!r}; valid choices: {", ".join(map(repr, POOL_TYPES))}')
-
-
-def _device_dtype(module: nn.Module) -> Dict[str, Any]:
-    p = next(module.parameters())
-    return {'device': p.device, 'dtype': p.dtype}
+        apply_bn_overrides(self, bn_momentum, bn_eps)
 
 
 def _remove_stage_stride(stage: nn.Sequential) -> None:
@@ -212,16 +135,6 @@ def _remove_stage_stride(stage: nn.Sequential) -> None:
                 down[i] = nn.Identity()  # avg_down variants: the pool is the stride
             elif isinstance(m, nn.Conv2d):
                 m.stride = (1, 1)
-
-
-def _init_like_resnet(module: nn.Module) -> None:
-    # the released code's init, applied to every conv of the network including the GSoP ones
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # ---- checkpoints of the released code ------------------------------------------------------------------
@@ -337,12 +250,12 @@ def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSo
     return build_gsop_model(GSoPResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(with_hub_ids({
     'gsop_resnet50.in1k': gsop_cfg(),
     'gsop_resnet101.in1k': gsop_cfg(),
     'gsop2_resnet50.in1k': gsop_cfg(),
     'gsop2_resnet101.in1k': gsop_cfg(),
-})
+}))
 
 _NET1 = dict(block=Bottleneck, gsop_stages=(True, True, True, True), global_pool='avg')
 _NET2 = dict(block=Bottleneck, gsop_stages=(True, True, True, False), global_pool='isqrt', isqrt_dim=256, isqrt_iters=3)

@@ -1,0 +1,8 @@
+"""setup.cfg holds the metadata and the package data; this adds ``hub_cards/`` (the model-card template and
+per-family facts, kept at the repository root) to the packages as ``timm_gsop.hub_cards``, so wheels ship it."""
+from setuptools import find_packages, setup
+
+setup(
+    packages=find_packages(include=['timm_gsop', 'timm_gsop.*']) + ['timm_gsop.hub_cards'],
+    package_dir={'timm_gsop.hub_cards': 'hub_cards'},
+)

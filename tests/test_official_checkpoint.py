@@ -326,3 +326,9 @@ def test_truncated_checkpoint_fails_loudly(official, tmp_path):
     message = str(info.value)
     assert 'gsop_resnet50' in message, message
     assert str(path) in message, message
+
+
+def test_missing_file_names_the_model_and_path(tmp_path):
+    path = tmp_path / 'does_not_exist.pth.tar'
+    with pytest.raises(FileNotFoundError, match=r'gsop_resnet50: no such file .*does_not_exist\.pth\.tar'):
+        timm.create_model('gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

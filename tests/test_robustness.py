@@ -67,8 +67,10 @@ def test_degenerate_images_finite_fp32_and_bf16(name):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_batch_size_one_in_train_mode(name):
+    # 64x64 so that stride-32 networks keep a 2x2 final map: BatchNorm cannot train on one value
     model = _model(name).train()
-    _assert_finite_forward_backward(model, _images('scaled_1e-4', model, batch=1) * 1e4)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    _assert_finite_forward_backward(model, x)
 
 
 @pytest.mark.parametrize('name', ['gsop_resnet50', 'gsop2_resnet50'])

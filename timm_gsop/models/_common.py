@@ -209,13 +209,13 @@ def build_gsop_model(
         if not pretrained:
             raise
         cfg = _resolved_cfg(variant, kwargs)
+        reason = _hub_failure(e)
+        if reason is not None:
+            raise WeightsNotAvailableError(_no_weights_message(variant, cfg, reason)) from e
         if isinstance(e, FileNotFoundError):
             raise FileNotFoundError(
                 f'Could not load pretrained weights for {variant}: no such file '
                 f'{e.filename or _describe_source(cfg, kwargs)}') from e
-        reason = _hub_failure(e)
-        if reason is not None:
-            raise WeightsNotAvailableError(_no_weights_message(variant, cfg, reason)) from e
         mismatch = describe_load_error(e, variant, cfg)
         if mismatch is not None:
             raise mismatch from e

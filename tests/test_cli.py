@@ -1,4 +1,4 @@
-"""The README's main command: `timm-gsop list` / `python -m timm_gsop list`."""
+"""`timm-gsop list` / `python -m timm_gsop list`: the zoo table."""
 import subprocess
 import sys
 

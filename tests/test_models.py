@@ -408,3 +408,10 @@ def test_version_and_public_api():
     for name in ('covariance_pool', 'isqrt', 'triu_vectorize', 'ChannelGSoP', 'PositionGSoP', 'GSoPFusion',
                  'create_gsop', 'ISqrtCovPool', 'checkpoint_filter_fn'):
         assert hasattr(timm_gsop, name), name
+
+
+@pytest.mark.parametrize('name', ['gsop_resnet50', 'gsop2_resnet101', 'gsopresnet18', 'isqrt_resnet50', 'cbamresnet50'])
+def test_entrypoint_defaults_can_be_overridden(name):
+    # --model-kwargs layers=... in timm's train.py: user kwargs win over the entrypoint's defaults
+    model = timm.create_model(name, layers=(1, 1, 1, 1), device='meta')
+    assert [len(getattr(model, f'layer{i}')) for i in range(1, 5)] == [1, 1, 1, 1]

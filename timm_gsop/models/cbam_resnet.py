@@ -52,12 +52,12 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 @register_model
 def cbamresnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with timm's CbamModule in every bottleneck."""
-    return _create('cbamresnet50', pretrained, **dict(
-        block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer='cbam'), **kwargs))
+    return _create('cbamresnet50', pretrained, **dict(dict(
+        block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer='cbam')), **kwargs))
 
 
 @register_model
 def cbamresnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-101 with timm's CbamModule in every bottleneck."""
-    return _create('cbamresnet101', pretrained, **dict(
-        block=Bottleneck, layers=(3, 4, 23, 3), block_args=dict(attn_layer='cbam'), **kwargs))
+    return _create('cbamresnet101', pretrained, **dict(dict(
+        block=Bottleneck, layers=(3, 4, 23, 3), block_args=dict(attn_layer='cbam')), **kwargs))

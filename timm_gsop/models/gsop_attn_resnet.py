@@ -155,36 +155,36 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 @register_model
 def gsopresnet18(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-18 with GSoP in every basic block (d = 64 in the 64-channel stage)."""
-    return _create('gsopresnet18', pretrained, **dict(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs))
+    return _create('gsopresnet18', pretrained, **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs))
 
 
 @register_model
 def gsopresnet34(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-34 with GSoP in every basic block (d = 64 in the 64-channel stage)."""
-    return _create('gsopresnet34', pretrained, **dict(block=BasicBlock, layers=(3, 4, 6, 3), **kwargs))
+    return _create('gsopresnet34', pretrained, **dict(dict(block=BasicBlock, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet50(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-50 with GSoP in every bottleneck (as SE-ResNet-50)."""
-    return _create('gsopresnet50', pretrained, **dict(block=Bottleneck, layers=(3, 4, 6, 3), **kwargs))
+    return _create('gsopresnet50', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet101(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-101 with GSoP in every bottleneck."""
-    return _create('gsopresnet101', pretrained, **dict(block=Bottleneck, layers=(3, 4, 23, 3), **kwargs))
+    return _create('gsopresnet101', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 23, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet50d(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-50-D (deep stem, average-pool downsample) with GSoP in every bottleneck."""
-    return _create('gsopresnet50d', pretrained, **dict(
-        block=Bottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True, **kwargs))
+    return _create('gsopresnet50d', pretrained, **dict(dict(
+        block=Bottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True), **kwargs))
 
 
 @register_model
 def gsopresnext50_32x4d(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNeXt-50 32x4d with GSoP in every bottleneck."""
-    return _create('gsopresnext50_32x4d', pretrained, **dict(
-        block=Bottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
+    return _create('gsopresnext50_32x4d', pretrained, **dict(dict(
+        block=Bottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4), **kwargs))

@@ -264,22 +264,22 @@ _NET2 = dict(block=Bottleneck, gsop_stages=(True, True, True, False), global_poo
 @register_model
 def gsop_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net1, ResNet-50: GSoP in the last block of all 4 stages, average pooling."""
-    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(_NET1, layers=(3, 4, 6, 3), **kwargs))
+    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(dict(_NET1, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsop_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net1, ResNet-101: GSoP in the last block of all 4 stages, average pooling."""
-    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(_NET1, layers=(3, 4, 23, 3), **kwargs))
+    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(dict(_NET1, layers=(3, 4, 23, 3)), **kwargs))
 
 
 @register_model
 def gsop2_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net2, ResNet-50: GSoP in stages 1-3, iSQRT-COV head (256-d, 3 iterations)."""
-    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(_NET2, layers=(3, 4, 6, 3), **kwargs))
+    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(dict(_NET2, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsop2_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net2, ResNet-101: GSoP in stages 1-3, iSQRT-COV head (256-d, 3 iterations)."""
-    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(_NET2, layers=(3, 4, 23, 3), **kwargs))
+    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(dict(_NET2, layers=(3, 4, 23, 3)), **kwargs))

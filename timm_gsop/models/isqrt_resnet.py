@@ -168,10 +168,10 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 @register_model
 def isqrt_resnet50(pretrained: bool = False, **kwargs) -> ISqrtResNet:
     """iSQRT-COV ResNet-50 (fast-MPN-COV mpncovresnet50): stride-1 layer4, 256-d covariance head, 5 iterations."""
-    return _create('isqrt_resnet50', pretrained, **dict(block=Bottleneck, layers=(3, 4, 6, 3), **kwargs))
+    return _create('isqrt_resnet50', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def isqrt_resnet101(pretrained: bool = False, **kwargs) -> ISqrtResNet:
     """iSQRT-COV ResNet-101 (fast-MPN-COV mpncovresnet101): stride-1 layer4, 256-d head, 5 iterations."""
-    return _create('isqrt_resnet101', pretrained, **dict(block=Bottleneck, layers=(3, 4, 23, 3), **kwargs))
+    return _create('isqrt_resnet101', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 23, 3)), **kwargs))

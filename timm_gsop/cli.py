@@ -13,7 +13,10 @@ from . import __version__
 
 __all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops', 'format_table']
 
-_COMMAND_MODULES: List[str] = ['timm_gsop.onnx_export', 'timm_gsop.bench', 'timm_gsop.hub']
+_COMMAND_MODULES: List[str] = [
+    'timm_gsop.onnx_export', 'timm_gsop.bench', 'timm_gsop.hub',
+    'timm_gsop.run', 'timm_gsop.recipes', 'timm_gsop.demo',
+]
 
 
 def list_gsop_models(pattern: str = '') -> List[str]:

@@ -1,0 +1,325 @@
+"""``timm-gsop demo``: train GSoP-Nets and a same-size first-order ResNet, export, reload. CPU, no network.
+
+The data set is generated here (deterministic per seed), so nothing is downloaded. It is built so that
+only second-order statistics carry the label:
+
+* each image is a smooth 3-channel Gaussian noise field whose channels are mixed so that the correlation
+  between channels 0 and 1 is +r or -r and the one between channels 1 and 2 is +r or -r (0 and 2 are
+  uncorrelated); the four sign patterns are equally frequent;
+* every channel of every image is then standardised (mean 0, variance 1 over the image's pixels), so no
+  per-channel mean, variance or intensity carries anything;
+* the label is whether the two correlations have the same sign (0) or opposite signs (1). Each class mixes
+  two sign patterns, so no single correlation tells the class either: the network has to combine them.
+
+Three networks of the same size (parameters within 1%) are trained with timm's training components
+(``create_optimizer_v2``, ``create_scheduler_v2``, ``timm.task.ClassificationTask``, ``timm.utils.accuracy``)
+and the same schedule, seed and batches, all of timm_gsop's CIFAR pre-activation ResNet with one bottleneck
+per stage: a plain one with average pooling (first order; slightly wider, to match the parameter count),
+GSoP-Net1 (a GSoP block in each stage, average pooling) and GSoP-Net2 (GSoP blocks in stages 1-2 and an
+iSQRT-COV covariance head). GSoP-Net1 is then exported in Hugging Face Hub layout (``model.safetensors`` + ``config.json``, via
+``timm.models.save_for_hf``), reloaded with ``timm.create_model('local-dir:...', pretrained=True)``, and
+its predictions on the test set are compared with the trained model's.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'DemoModel', 'DEMO_MODELS', 'correlation_images', 'correlation_rule_accuracy', 'train_classifier', 'evaluate',
+    'export_and_reload', 'run_demo', 'add_parser',
+]
+
+LABEL_NAMES = ('same sign', 'opposite sign')
+# (sign of corr(ch0, ch1), sign of corr(ch1, ch2)) of the four patterns; label = patterns // 2
+_SIGN_PATTERNS = ((1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    label: str
+    name: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+# Three stages of one pre-activation bottleneck each (timm_gsop's CIFAR ResNet family): ~54k parameters.
+_TINY = dict(layers=(1, 1, 1), stem_width=16)
+DEMO_MODELS: Tuple[DemoModel, ...] = (
+    DemoModel('ResNet, first order (avg pool)', 'preresnet164_cifar', dict(_TINY, channels=(10, 21, 42))),
+    DemoModel('GSoP-Net1 (GSoP blocks)', 'gsop_preresnet164_cifar', dict(_TINY, channels=(8, 16, 32), gsop_dim=16)),
+    DemoModel('GSoP-Net2 (+ iSQRT-COV head)', 'gsop2_preresnet164_cifar',
+              dict(_TINY, channels=(8, 16, 32), gsop_dim=24, isqrt_dim=32)),
+)
+EXPORT_INDEX = 1  # GSoP-Net1
+
+
+def correlation_images(
+        num: int, size: int = 16, corr: float = 0.25, seed: int = 0, smooth: float = 1.2,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``num`` images ``(num, 3, size, size)`` and labels ``(num,)`` of the demo's data set (module doc).
+
+    ``corr`` is the magnitude r of the two channel correlations (|r| < 1/sqrt(2) keeps the correlation matrix
+    positive definite); ``smooth`` the standard deviation, in pixels, of the Gaussian that makes the noise
+    spatially smooth (the same for every channel, so it does not change the channel correlations).
+    """
+    if not 0 < corr < 1 / math.sqrt(2):
+        raise ValueError(f'corr must be in (0, 0.707), got {corr}')
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for a, b in _SIGN_PATTERNS:
+        c = torch.eye(3)
+        c[0, 1] = c[1, 0] = a * corr
+        c[1, 2] = c[2, 1] = b * corr
+        mats.append(c)
+    mix = torch.linalg.cholesky(torch.stack(mats))  # (4, 3, 3)
+    pattern = torch.arange(num) % 4
+    pattern = pattern[torch.randperm(num, generator=g)]
+    radius = max(1, int(math.ceil(2.5 * smooth)))
+    pad = 2 * radius
+    noise = torch.randn(num * 3, 1, size + pad, size + pad, generator=g)
+    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * smooth ** 2))
+    k = k / k.sum()
+    noise = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1)).view(num, 3, size, size)
+    x = torch.einsum('nij,njhw->nihw', mix[pattern], noise)
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+    return x.contiguous(), pattern // 2
+
+
+def _batches(num: int, batch_size: int, generator: torch.Generator):
+    perm = torch.randperm(num, generator=generator)
+    for i in range(num // batch_size):  # drop the last partial batch (BatchNorm, equal steps per epoch)
+        yield perm[i * batch_size:(i + 1) * batch_size]
+
+
+def train_classifier(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epochs: int,
+        batch_size: int = 64,
+        lr: float = 0.2,
+        weight_decay: float = 5e-4,
+        seed: int = 0,
+        progress: Optional[Any] = None,
+) -> float:
+    """Train with timm's components: momentum SGD (``create_optimizer_v2``), cosine schedule with one warm-up
+    epoch stepped per update (``create_scheduler_v2``), cross-entropy through ``ClassificationTask``.
+
+    ``progress`` is a tqdm bar advanced once per step (or None). Returns the last epoch's mean loss.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.task import ClassificationTask
+    from timm.utils import AverageMeter
+
+    steps = len(x) // batch_size
+    if steps < 1:
+        raise ValueError(f'need at least batch_size={batch_size} training images, got {len(x)}')
+    optimizer = create_optimizer_v2(model, opt='momentum', lr=lr, weight_decay=weight_decay, momentum=0.9)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=1, warmup_lr=lr / 10, min_lr=lr / 100,
+        updates_per_epoch=steps, step_on_epochs=False)
+    task = ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False)
+    generator = torch.Generator().manual_seed(seed)
+    num_updates = 0
+    loss_m = AverageMeter()
+    for epoch in range(epochs):
+        model.train()
+        loss_m.reset()
+        for idx in _batches(len(x), batch_size, generator):
+            loss = task(x[idx], y[idx])['loss']
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            loss_m.update(loss.item(), len(idx))
+            if progress is not None:
+                progress.set_postfix_str(f'epoch {epoch + 1}/{epochs} loss {loss_m.avg:.3f}', refresh=False)
+                progress.update(1)
+        scheduler.step(epoch + 1)
+    return loss_m.avg
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in %, with timm's ``accuracy``."""
+    from timm.utils import accuracy
+    return accuracy(predict(model, x), y, topk=(1,))[0].item()
+
+
+def export_and_reload(model: nn.Module, out_dir: str, x: torch.Tensor, image_size: int) -> Dict[str, Any]:
+    """Save ``model`` in Hub layout, reload it through timm's ``local-dir:`` source with ``pretrained=True``
+    and compare the predictions on ``x``."""
+    import timm
+    from timm.models import save_for_hf
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_for_hf(
+        model, out_dir, safe_serialization=True,
+        model_config=dict(label_names=list(LABEL_NAMES)),
+        # the images are already standardised: identity normalisation, no resize or crop
+        data_config=dict(input_size=(3, image_size, image_size), mean=(0., 0., 0.), std=(1., 1., 1.),
+                         crop_pct=1.0, interpolation='bilinear'),
+    )
+    source = f'local-dir:{os.path.abspath(out_dir)}'
+    reloaded = timm.create_model(source, pretrained=True)
+    logits, logits_reloaded = predict(model, x), predict(reloaded, x)
+    same = (logits.argmax(1) == logits_reloaded.argmax(1)).sum().item()
+    return dict(
+        source=source,
+        files=sorted(os.listdir(out_dir)),
+        same_predictions=same,
+        total=len(x),
+        max_abs_diff=(logits - logits_reloaded).abs().max().item(),
+        ok=same == len(x) and torch.allclose(logits, logits_reloaded, rtol=1e-4, atol=1e-5),
+        reloaded=reloaded,
+    )
+
+
+def correlation_rule_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy (%) of the hand-written second-order rule: the sign of corr(ch0, ch1) * corr(ch1, ch2), each
+    correlation measured over the image's pixels. No learning; a yardstick for the networks."""
+    flat = x.flatten(2)
+    flat = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True)
+    corr = flat @ flat.transpose(1, 2) / (flat.shape[-1] - 1)
+    predicted = (corr[:, 0, 1] * corr[:, 1, 2] < 0).long()
+    return (predicted == y).float().mean().item() * 100
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
+
+
+def run_demo(
+        epochs: int = 10,
+        seed: int = 0,
+        out: Optional[str] = 'timm-gsop-demo',
+        train_samples: int = 3000,
+        test_samples: int = 1000,
+        image_size: int = 16,
+        batch_size: int = 64,
+        corr: float = 0.25,
+        models: Sequence[DemoModel] = DEMO_MODELS,
+        export_index: Optional[int] = EXPORT_INDEX,
+        progress: bool = True,
+        stream=None,
+        threads: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Run the demo; returns ``dict(rows=[...], export=...)``. Each row: label, name, params, accuracy (%),
+    train_seconds, final_loss. ``export`` is None when ``out`` or ``export_index`` is None. ``threads``: torch
+    CPU threads while it runs (None: leave as is)."""
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_size, corr, models,
+                         export_index, progress, stream)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_size, corr, models, export_index,
+              progress, stream) -> Dict[str, Any]:
+    import timm
+    import timm_gsop  # noqa: F401 (registers the models)
+
+    stream = stream or sys.stdout
+    say = lambda msg='': print(msg, file=stream, flush=True)
+    x_train, y_train = correlation_images(train_samples, image_size, corr, seed=seed)
+    x_test, y_test = correlation_images(test_samples, image_size, corr, seed=seed + 1_000_003)
+    say(f'Data: {train_samples} train / {test_samples} test images, 3x{image_size}x{image_size}; each channel '
+        f'standardised per image; label = whether corr(ch0, ch1) and corr(ch1, ch2) (|r| = {corr}) share a sign.')
+    say(f'Training {len(models)} models for {epochs} epochs each (batch {batch_size}, momentum SGD, cosine '
+        f'schedule) on {torch.get_num_threads()} CPU thread(s).')
+
+    steps = train_samples // batch_size * epochs
+    rows, trained = [], []
+    for spec in models:
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.name, num_classes=len(LABEL_NAMES), **spec.kwargs)
+        params = sum(p.numel() for p in model.parameters())
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc=f'{spec.label[:30]:30s}', unit='step', leave=True, file=sys.stderr,
+                       dynamic_ncols=True, mininterval=0.5)
+        start = time.perf_counter()
+        try:
+            final_loss = train_classifier(model, x_train, y_train, epochs, batch_size=batch_size, seed=seed,
+                                          progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - start
+        acc = evaluate(model, x_test, y_test)
+        rows.append(dict(label=spec.label, name=spec.name, params=params, accuracy=acc, train_seconds=seconds,
+                         final_loss=final_loss))
+        trained.append(model)
+
+    say()
+    say(_format_table(
+        ('model', 'timm name', 'params', 'test acc.', 'train time', 'final loss'),
+        [(r['label'], r['name'], f"{r['params']:,}", f"{r['accuracy']:.1f}%", f"{r['train_seconds']:.1f} s",
+          f"{r['final_loss']:.3f}") for r in rows]))
+    say(f'Chance: 50.0%. No first-order statistic helps: every channel has mean 0 and variance 1 in every image. '
+        f'The hand-written rule sign(corr(ch0, ch1) x corr(ch1, ch2)), measured on each test image\'s pixels, '
+        f'gets {correlation_rule_accuracy(x_test, y_test):.1f}%.')
+
+    export = None
+    if out is not None and export_index is not None:
+        spec = models[export_index]
+        export = export_and_reload(trained[export_index], out, x_test, image_size)
+        say()
+        say(f'Exported {spec.label} to {os.path.abspath(out)} ({", ".join(export["files"])}) with '
+            f'timm.models.save_for_hf.')
+        say(f"Reloaded with timm.create_model('{export['source']}', pretrained=True): "
+            f"{export['same_predictions']}/{export['total']} test predictions identical, max |logit difference| "
+            f"{export['max_abs_diff']:.2e} -> {'OK' if export['ok'] else 'MISMATCH'}")
+    return dict(rows=rows, export=export, models=trained, rule_accuracy=correlation_rule_accuracy(x_test, y_test))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    result = run_demo(
+        epochs=args.epochs, seed=args.seed, out=args.out, train_samples=args.train_samples,
+        test_samples=args.test_samples, image_size=args.image_size, batch_size=args.batch_size,
+        corr=args.corr, progress=not args.no_progress, threads=args.threads)
+    print(f'\nDone in {time.perf_counter() - start:.0f} s.')
+    export = result['export']
+    return 0 if export is None or export['ok'] else 1
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        'demo', help='train GSoP-Nets and a same-size first-order ResNet on CPU (about a minute), export, reload',
+        description=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--epochs', type=int, default=10, help='epochs per model (default: 10)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the data and of the training (default: 0)')
+    p.add_argument('--out', default='timm-gsop-demo', metavar='DIR',
+                   help='where the GSoP-Net1 model is exported in Hub layout (default: ./timm-gsop-demo)')
+    p.add_argument('--train-samples', type=int, default=3000, metavar='N', help='training images (default: 3000)')
+    p.add_argument('--test-samples', type=int, default=1000, metavar='N', help='test images (default: 1000)')
+    p.add_argument('--image-size', type=int, default=16, metavar='PX', help='image side (default: 16)')
+    p.add_argument('--batch-size', type=int, default=64, help='batch size (default: 64)')
+    p.add_argument('--corr', type=float, default=0.25, metavar='R',
+                   help='magnitude of the two channel correlations (default: 0.25; smaller is harder)')
+    p.add_argument('--threads', type=int, default=1, metavar='N',
+                   help='CPU threads for torch (default: 1; these small networks gain little from more, and on a '
+                        'busy machine several threads per process can be many times slower)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.set_defaults(func=_cmd_demo)

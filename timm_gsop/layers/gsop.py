@@ -88,26 +88,9 @@ class CovarianceGate(nn.Module):
         self.act = nn.ReLU(inplace=True) if act_after_row else nn.Identity()
         self.conv_expand = nn.Conv2d(row_expansion * size, out_features, kernel_size=1, bias=True, **dd)
 
-    def _row_conv(self, x: Tensor) -> Tensor:
-        """Row-wise conv of (B, N, N, 1): ``out[b, i*e + k] = sum_j x[b, i, j] w[i*e + k, j] + bias``."""
-        if not torch.jit.is_scripting():
-            if skip_checks(x):
-                return self.conv_row(x)  # fx / jit.trace: the device-agnostic released op
-        if x.is_cuda:
-            return self.conv_row(x)  # the released grouped conv (not measured against bmm on GPU here)
-        # on CPU one batched matmul over rows is ~1.3x faster than the grouped (N, 1) conv (timm-gsop bench --ops)
-        n = self.size
-        weight = self.conv_row.weight.view(n, -1, n)  # (i, k, j), same parameter as the conv
-        out = torch.bmm(x.squeeze(-1).transpose(0, 1), weight.transpose(1, 2))  # (i, B, k)
-        out = out.transpose(0, 1).reshape(x.shape[0], -1)
-        bias = self.conv_row.bias
-        if bias is not None:
-            out = out + bias
-        return out.unsqueeze(-1).unsqueeze(-1)
-
     def _gate(self, mat: Tensor) -> Tensor:
         x = mat.to(self.conv_row.weight.dtype).unsqueeze(-1)  # (B, N, N, 1): row i is channel i
-        x = self._row_conv(self.bn_row(x))
+        x = self.conv_row(self.bn_row(x))
         return torch.sigmoid(self.conv_expand(self.act(x)))
 
     def forward(self, mat: Tensor) -> Tensor:

@@ -618,3 +618,18 @@ def test_hub_round_trip(full_export, tmp_path):
         assert 'could not be reached' in report['not_published']
         assert not hub_server.unhandled, hub_server.unhandled
     assert not hub_server.running
+
+
+def test_failed_export_keeps_the_previous_good_files(tmp_path, net1, monkeypatch):
+    path = tmp_path / 'weights.pth'
+    torch.save(net1.state_dict(), path)
+    hub.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(num_classes=5, **TINY))
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError('disk full half way through the card')
+    monkeypatch.setattr(hub, 'render_card', crash)
+    with pytest.raises(RuntimeError, match='disk full'):
+        hub.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(num_classes=5, **TINY))
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'weights.pth']  # no staging folder left

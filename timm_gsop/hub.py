@@ -22,11 +22,13 @@ import argparse
 import ast
 import fnmatch
 import json
+import os
 import pickle
 import re
 import shutil
 import string
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -383,22 +385,31 @@ def export_checkpoint(
     net.eval()
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from timm.models import save_for_hf
-    save_for_hf(net, str(out_dir), safe_serialization=True,
-                data_config=_data_config_from_train_args(ckpt.args) or None)
-    shutil.copymode(out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE)  # safetensors writes 0600; follow the umask
-    config = json.loads((out_dir / CONFIG_FILE).read_text())
-    model_args = config.get('model_args', {})
-    repo_id = repo_id or f'{HUB_NAMESPACE}/{name}'
-    measured = _measured_results(ckpt, used_ema, results)
-    weights = WeightsInfo(source=ckpt.path.name, description=ckpt.description, epoch=ckpt.epoch, ema=used_ema,
-                          layout=layout, train_args=ckpt.args, measured=measured,
-                          data_config=config.get('pretrained_cfg', {}))
-    card = render_card(name, model_kwargs=model_args, repo_id=repo_id, weights=weights, dataset=dataset)
-    (out_dir / CARD_FILE).write_text(card, encoding='utf-8')
-    if verify:
-        _verify_export(net, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # write and verify everything in a staging folder beside out_dir, then rename the files into place:
+    # an interrupted or failed export never leaves a partial file where a good one was
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.partial-', dir=out_dir.parent))
+    try:
+        from timm.models import save_for_hf
+        save_for_hf(net, str(staging), safe_serialization=True,
+                    data_config=_data_config_from_train_args(ckpt.args) or None)
+        shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)  # safetensors writes 0600: follow umask
+        config = json.loads((staging / CONFIG_FILE).read_text())
+        model_args = config.get('model_args', {})
+        repo_id = repo_id or f'{HUB_NAMESPACE}/{name}'
+        measured = _measured_results(ckpt, used_ema, results)
+        weights = WeightsInfo(source=ckpt.path.name, description=ckpt.description, epoch=ckpt.epoch, ema=used_ema,
+                              layout=layout, train_args=ckpt.args, measured=measured,
+                              data_config=config.get('pretrained_cfg', {}))
+        card = render_card(name, model_kwargs=model_args, repo_id=repo_id, weights=weights, dataset=dataset)
+        (staging / CARD_FILE).write_text(card, encoding='utf-8')
+        if verify:
+            _verify_export(net, staging)
+        out_dir.mkdir(exist_ok=True)
+        for file in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
+            os.replace(staging / file, out_dir / file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     files = {p: (out_dir / p).stat().st_size for p in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)}
     return ExportResult(out_dir, name, model_args, files, ckpt, used_ema, layout, repo_id)
 

@@ -14,14 +14,7 @@ from timm_gsop.demo import DEMO_MODELS, LABEL_NAMES, correlation_images, run_dem
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """These tiny models gain nothing from more threads, and on a busy machine (CI shares it with nothing, a
-    developer's may not) several OpenMP threads per process can be many times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _channel_corr(x):

@@ -84,14 +84,7 @@ class OfficialCase:
         return path
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread():
-    """One intra-op thread: these small float64 forwards gain little from more, and on a shared 2-core
-    runner oversubscribed OpenMP threads made this file 3-5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # small float64 forwards gain little from more
 
 
 @pytest.fixture(scope='session')

@@ -84,14 +84,7 @@ TRAIN_PY_DEFAULTS = dict(
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """These tiny models gain nothing from more threads, and on a busy machine (CI shares it with nothing, a
-    developer's may not) several OpenMP threads per process can be many times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def train_args(recipe=None, argv=(), **overrides):

@@ -8,7 +8,6 @@ of a train step, params and GFLOPs. ``--ops`` adds the op-level comparisons agai
 formulations (MxM centring covariance, per-sample iSQRT / triangle loops).
 """
 import argparse
-import ast
 import json
 import statistics
 import subprocess
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 import timm
 
-from .cli import count_gflops, count_params, format_table
+from .cli import count_gflops, count_params, format_table, parse_model_kwargs
 from .layers import second_order
 
 __all__ = ['parse_model_spec', 'bench_models', 'bench_ops', 'add_parser']
@@ -33,15 +32,7 @@ def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
     e.g. ``gsop_resnet50:gsop_stages=(0,0,0,0)`` is GSoP-Net1's stride-1 backbone without GSoP blocks.
     """
     name, *items = spec.split(':')
-    kwargs = {}
-    for item in items:
-        if '=' not in item:
-            raise ValueError(f'model spec {spec!r}: expected key=value after the name, got {item!r}')
-        key, value = item.split('=', 1)
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
+    kwargs = parse_model_kwargs(items)
     return name, kwargs
 
 

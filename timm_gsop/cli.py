@@ -1,9 +1,10 @@
 """Command line: ``timm-gsop <command>`` or ``python -m timm_gsop <command>``."""
 import argparse
+import ast
 import fnmatch
 import importlib
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import timm
@@ -11,12 +12,27 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 
-__all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops', 'format_table']
+__all__ = ['main', 'list_gsop_models', 'count_params', 'count_gflops', 'format_table', 'parse_model_kwargs']
 
 _COMMAND_MODULES: List[str] = [
     'timm_gsop.onnx_export', 'timm_gsop.bench', 'timm_gsop.hub',
     'timm_gsop.run', 'timm_gsop.recipes', 'timm_gsop.demo',
 ]
+
+
+def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``['gsop_manner=position', 'gsop_stages=(1,1,1,0)']`` -> kwargs, values parsed as Python literals
+    when they are one (as timm's train.py parses ``--model-kwargs``), else kept as strings."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip():
+            raise ValueError(f'Model kwargs are key=value pairs, got {item!r}')
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
 
 
 def list_gsop_models(pattern: str = '') -> List[str]:

@@ -19,7 +19,6 @@ Loading needs nothing from this module: ``timm.create_model('hf-hub:ORG/NAME', p
 ``pretrained=True`` with the default cfg, whose ``hf_hub_id`` is ``HUB_NAMESPACE/<model>.<tag>``.
 """
 import argparse
-import ast
 import fnmatch
 import json
 import os
@@ -40,7 +39,7 @@ import timm
 import yaml
 
 from . import __version__
-from .cli import count_gflops, count_params, list_gsop_models
+from .cli import count_gflops, count_params, list_gsop_models, parse_model_kwargs
 from .models import _common
 from .models._common import HUB_NAMESPACE, describe_load_error
 
@@ -223,21 +222,6 @@ def _family_filter(model_name: str) -> Optional[Callable]:
 
 
 # ---- model kwargs --------------------------------------------------------------------------------------
-
-def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """``['gsop_manner=position', 'gsop_stages=(1,1,1,0)']`` -> kwargs, values parsed as Python literals
-    when they are one (as timm's train.py parses ``--model-kwargs``), else kept as strings."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition('=')
-        if not sep or not key.strip():
-            raise ValueError(f'Model kwargs are key=value pairs, got {item!r}')
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
-
 
 def _kwargs_from_train_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     """The create_model kwargs timm's train.py built its model with (training-only ones left out)."""

@@ -9,10 +9,12 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import timm
+
+from .cli import parse_model_kwargs
 
 __all__ = ['export_onnx', 'check_onnx', 'add_parser']
 
@@ -68,22 +70,8 @@ def check_onnx(
     return errors
 
 
-def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    import ast
-    kwargs = {}
-    for item in items or ():
-        if '=' not in item:
-            raise SystemExit(f'--model-kwargs expects key=value, got {item!r}')
-        key, value = item.split('=', 1)
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
-
-
 def _cmd_onnx(args: argparse.Namespace) -> int:
-    kwargs = _parse_kwargs(args.model_kwargs)
+    kwargs = parse_model_kwargs(args.model_kwargs)
     if args.checkpoint:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
     if args.num_classes is not None:

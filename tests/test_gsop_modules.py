@@ -7,6 +7,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import randomise_bn_
 from timm_gsop.layers import (
     GSOP_MANNERS, ChannelGSoP, CovarianceGate, GSoPFusion, ISqrtCovPool, PositionGSoP, create_gsop,
     covariance_pool, isqrt, triu_vectorize)
@@ -22,23 +23,9 @@ def _x(b=2, c=CHANNELS, h=14, w=14, seed=0) -> torch.Tensor:
     return torch.randn(b, c, h, w, generator=_gen(seed))
 
 
-def _randomise_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so eval-mode checks are not near-identity."""
-    g = _gen(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            with torch.no_grad():
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return module
-
-
 def _make(manner: str, channels: int = CHANNELS, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomise_bn(create_gsop(channels, manner, **kwargs), seed).eval()
+    return randomise_bn_(create_gsop(channels, manner, **kwargs), seed).eval()
 
 
 def _gates(module: nn.Module):
@@ -248,7 +235,7 @@ def test_bf16_autocast_keeps_gate_in_float32(manner, in_dtype):
 def _module_by_id(name: str) -> nn.Module:
     if name == 'isqrt_pool':
         torch.manual_seed(0)
-        return _randomise_bn(ISqrtCovPool(CHANNELS, dim=32, num_iters=3)).eval()
+        return randomise_bn_(ISqrtCovPool(CHANNELS, dim=32, num_iters=3)).eval()
     return _make(name)
 
 
@@ -309,7 +296,7 @@ def test_plain_sum_backward_reaches_every_parameter(manner):
 
 def test_isqrt_cov_pool_gsop_net2_head():
     torch.manual_seed(0)
-    pool = _randomise_bn(ISqrtCovPool(2048, dim=256, num_iters=3)).eval()
+    pool = randomise_bn_(ISqrtCovPool(2048, dim=256, num_iters=3)).eval()
     assert pool.out_features == 32896
     x = torch.rand(2, 2048, 7, 7, generator=_gen(13))
     out = pool(x)

@@ -14,6 +14,7 @@ import timm
 import torchvision
 
 import timm_gsop  # noqa: F401
+from conftest import randomise_bn_
 from timm_gsop import CheckpointMismatchError, triu_vectorize
 from timm_gsop.models.isqrt_resnet import checkpoint_filter_fn, fast_mpncov_to_triu_order
 
@@ -33,15 +34,7 @@ def _mpncov_resnet(depth=50, num_classes=1000, device=None, seed=0):
     net.fc = nn.Linear(256 * 257 // 2, num_classes, device=device)
     del net.avgpool
     if device != 'meta':
-        g = torch.Generator().manual_seed(seed)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so eval outputs are not near-identity
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                with torch.no_grad():
-                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        randomise_bn_(net, seed)
     return net
 
 

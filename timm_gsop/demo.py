@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import count_params, format_table
+
 __all__ = [
     'DemoModel', 'DEMO_MODELS', 'correlation_images', 'correlation_rule_accuracy', 'train_classifier', 'evaluate',
     'export_and_reload', 'run_demo', 'add_parser',
@@ -199,12 +201,6 @@ def correlation_rule_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
     return (predicted == y).float().mean().item() * 100
 
 
-def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: '  '.join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
-
-
 def run_demo(
         epochs: int = 10,
         seed: int = 0,
@@ -252,7 +248,7 @@ def _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_
     for spec in models:
         torch.manual_seed(seed)
         model = timm.create_model(spec.name, num_classes=len(LABEL_NAMES), **spec.kwargs)
-        params = sum(p.numel() for p in model.parameters())
+        params = count_params(model)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -272,7 +268,7 @@ def _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_
         trained.append(model)
 
     say()
-    say(_format_table(
+    say(format_table(
         ('model', 'timm name', 'params', 'test acc.', 'train time', 'final loss'),
         [(r['label'], r['name'], f"{r['params']:,}", f"{r['accuracy']:.1f}%", f"{r['train_seconds']:.1f} s",
           f"{r['final_loss']:.3f}") for r in rows]))

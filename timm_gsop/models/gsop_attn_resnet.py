@@ -39,7 +39,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, create_gsop
+from ..layers.gsop import GSOP_MANNERS, create_gsop
 from . import gsop_resnet as _gsop_resnet
 from ._common import InputCheckMixin, apply_bn_overrides, build_gsop_model, check_choice, gsop_cfg, init_like_resnet, \
     with_hub_ids
@@ -54,13 +54,6 @@ def block_out_channels(block: nn.Module) -> int:
     """Output channels of a timm ResNet block (what its attention layer sees)."""
     last_bn = block.bn3 if hasattr(block, 'bn3') else block.bn2
     return last_bn.num_features
-
-
-def set_reduction_stride(module: nn.Module, stride: int) -> None:
-    """Stride of the 1x1 reduction of a channel GSoP module (or of a fusion's channel branch)."""
-    branch = module.channel if isinstance(module, GSoPFusion) else module
-    if isinstance(branch, ChannelGSoP):
-        branch.conv_reduce.stride = (stride, stride)
 
 
 class GSoPAttnResNet(InputCheckMixin, ResNet):
@@ -118,9 +111,8 @@ class GSoPAttnResNet(InputCheckMixin, ResNet):
             blocks = list(stage) if gsop_placement == 'all' else [stage[-1]]
             for blk in blocks:
                 gsop = create_gsop(
-                    block_out_channels(blk), manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size, **dd)
-                if stage_idx == 0:
-                    set_reduction_stride(gsop, gsop_stage1_stride)
+                    block_out_channels(blk), manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
+                    stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
                 init_like_resnet(gsop)
                 blk.se = gsop
         apply_bn_overrides(self, bn_momentum, bn_eps)

@@ -40,7 +40,7 @@ from ..layers.gsop import GSOP_MANNERS, create_gsop
 from . import gsop_resnet as _gsop_resnet
 from ._common import InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, build_gsop_model, check_choice, \
     check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
-from .gsop_attn_resnet import GSOP_PLACEMENTS, set_reduction_stride
+from .gsop_attn_resnet import GSOP_PLACEMENTS
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'checkpoint_filter_fn', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -192,9 +192,8 @@ class PreResNetCifar(InputCheckMixin, SecondOrderHeadMixin, nn.Module):
             stage = getattr(self, name)
             for blk in (list(stage) if gsop_placement == 'all' else [stage[-1]]):
                 gsop = create_gsop(
-                    blk.out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size, **dd)
-                if stage_idx == 0:
-                    set_reduction_stride(gsop, gsop_stage1_stride)
+                    blk.out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
+                    stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
                 init_like_resnet(gsop)
                 blk.se = gsop
         self._create_head(num_classes, global_pool)

@@ -14,8 +14,11 @@ usable on their own::
 They are registered as leaf functions for ``torch.fx`` (plain ``symbolic_trace`` and timm's
 feature extraction), so a traced model keeps the float32 region intact.
 """
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from timm.layers import register_notrace_function
 
@@ -46,7 +49,8 @@ def skip_checks(x: Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in at least float32 (float64 stays float64): the dtype every op here computes in."""
     # at least float32; float64 stays float64 (exact checks, gradcheck, double-precision models)
     return x if x.dtype == torch.float64 else x.float()
 
@@ -59,11 +63,45 @@ def _check_feature_map(x: Tensor, name: str) -> None:
 
 
 def _covariance_fp32(x: Tensor) -> Tensor:
-    x = _upcast(x.flatten(2))
+    x = upcast(x.flatten(2))
     num_positions = x.shape[-1]
     x = x - x.mean(dim=2, keepdim=True)
     # centred product == X I_hat X^T of the released code, without the (M, M) I_hat
     return torch.bmm(x, x.transpose(1, 2)).div_(num_positions)
+
+
+class _CovarianceFunction(torch.autograd.Function):
+    """Covariance with a hand-written backward: ``dX = (G + G^T) (X - mean) / M``.
+
+    One batched product instead of autograd's two (and no gradient through the mean: the rows of
+    ``(G + G^T)(X - mean)`` already sum to zero). Saves the input itself, not a centred copy: the ReLU in
+    front of the covariance keeps that tensor alive anyway. Called with autocast disabled.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x_flat = upcast(x.flatten(2))
+        mean = x_flat.mean(dim=2, keepdim=True)
+        centred = x_flat - mean
+        ctx.save_for_backward(x, mean)
+        return torch.bmm(centred, centred.transpose(1, 2)).div_(x_flat.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, mean = ctx.saved_tensors
+        x_flat = upcast(x.flatten(2))
+        with torch.autocast(device_type=grad.device.type, enabled=False) if autocast_active(grad) else nullcontext():
+            grad = upcast(grad)
+            grad_x = torch.bmm(grad + grad.transpose(1, 2), x_flat - mean).div_(x_flat.shape[-1])
+        return grad_x.view_as(x).to(x.dtype)
+
+
+def _covariance(x: Tensor) -> Tensor:
+    if not torch.jit.is_scripting():
+        if torch.is_grad_enabled() and x.requires_grad and not skip_checks(x):
+            return _CovarianceFunction.apply(x)
+    return _covariance_fp32(x)
 
 
 def covariance_pool(x: Tensor) -> Tensor:
@@ -77,12 +115,12 @@ def covariance_pool(x: Tensor) -> Tensor:
         _check_feature_map(x, 'covariance_pool')
         if autocast_active(x):
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return _covariance_fp32(x)
-    return _covariance_fp32(x)
+                return _covariance(x)
+    return _covariance(x)
 
 
 def _position_gram_fp32(x: Tensor) -> Tensor:
-    x = _upcast(x.flatten(2))
+    x = upcast(x.flatten(2))
     num_positions = x.shape[-1]
     sums = x.sum(dim=1)  # per-position sum over channels, (B, P)
     gram = torch.bmm(x.transpose(1, 2), x)
@@ -105,7 +143,7 @@ def position_gram(x: Tensor) -> Tensor:
 
 
 def _isqrt_fp32(x: Tensor, num_iters: int, eps: float) -> Tensor:
-    x = _upcast(x)
+    x = upcast(x)
     dim = x.shape[-1]
     eye3 = torch.eye(dim, dtype=x.dtype, device=x.device).mul_(3.0)
     # pre-normalise by the trace so that Newton-Schulz converges (eigenvalues of A in (0, 1])

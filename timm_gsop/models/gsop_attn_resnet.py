@@ -41,6 +41,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.gsop import GSOP_MANNERS, create_gsop
 from . import gsop_resnet as _gsop_resnet
+from ._blocks import GSoPBottleneck
 from ._common import InputCheckMixin, apply_bn_overrides, build_gsop_model, check_choice, gsop_cfg, init_like_resnet, \
     with_hub_ids
 
@@ -159,24 +160,24 @@ def gsopresnet34(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
 @register_model
 def gsopresnet50(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-50 with GSoP in every bottleneck (as SE-ResNet-50)."""
-    return _create('gsopresnet50', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
+    return _create('gsopresnet50', pretrained, **dict(dict(block=GSoPBottleneck, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet101(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-101 with GSoP in every bottleneck."""
-    return _create('gsopresnet101', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 23, 3)), **kwargs))
+    return _create('gsopresnet101', pretrained, **dict(dict(block=GSoPBottleneck, layers=(3, 4, 23, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet50d(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-50-D (deep stem, average-pool downsample) with GSoP in every bottleneck."""
     return _create('gsopresnet50d', pretrained, **dict(dict(
-        block=Bottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True), **kwargs))
+        block=GSoPBottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True), **kwargs))
 
 
 @register_model
 def gsopresnext50_32x4d(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNeXt-50 32x4d with GSoP in every bottleneck."""
     return _create('gsopresnext50_32x4d', pretrained, **dict(dict(
-        block=Bottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4), **kwargs))
+        block=GSoPBottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4), **kwargs))

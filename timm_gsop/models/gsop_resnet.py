@@ -25,6 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.cov_pool import ISqrtCovPool
+from ._blocks import GSoPBottleneck
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
 from ._common import POOL_TYPES, CheckpointMismatchError, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, \
     build_gsop_model, check_choice, check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
@@ -257,8 +258,8 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
     'gsop2_resnet101.in1k': gsop_cfg(),
 }))
 
-_NET1 = dict(block=Bottleneck, gsop_stages=(True, True, True, True), global_pool='avg')
-_NET2 = dict(block=Bottleneck, gsop_stages=(True, True, True, False), global_pool='isqrt', isqrt_dim=256, isqrt_iters=3)
+_NET1 = dict(block=GSoPBottleneck, gsop_stages=(True, True, True, True), global_pool='avg')
+_NET2 = dict(block=GSoPBottleneck, gsop_stages=(True, True, True, False), global_pool='isqrt', isqrt_dim=256, isqrt_iters=3)
 
 
 @register_model

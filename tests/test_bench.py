@@ -1,5 +1,7 @@
 """`timm-gsop bench` runs and reports what it promises (a tiny configuration; not a benchmark)."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -31,14 +33,16 @@ def test_reference_formulations_compute_the_same_maths():
 def test_bench_cli_tiny_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     rc = main(['bench', '--model', 'gsop_resnet50', BACKBONE, '--baseline', BACKBONE, '--batch-size', '2',
-               '--img-size', '32', '--repeats', '2', '--steps', '1', '--warmup', '1', '--json', str(out)])
+               '--img-size', '32', '--repeats', '2', '--steps', '1', '--warmup', '1', '--json', str(out),
+               '--malloc', 'system'])  # 'retain' would change this test process's allocator for later tests
     assert rc == 0
     captured = capsys.readouterr()
     assert 'gsop_resnet50' in captured.out and 'train ratio' in captured.out
     assert '[bench] batch 2: repeat 2/2' in captured.err  # progress is visible
     payload = json.loads(out.read_text())
     assert set(payload) == {'meta', 'models', 'ops'}
-    assert {'torch', 'timm', 'threads', 'command'} <= set(payload['meta'])
+    assert {'torch', 'timm', 'threads', 'command', 'malloc'} <= set(payload['meta'])
+    assert payload['meta']['malloc'] == 'system' and 'malloc system' in captured.out
     rows = {r['model']: r for r in payload['models']}
     assert set(rows) == {'gsop_resnet50', BACKBONE}
     for row in rows.values():
@@ -54,3 +58,25 @@ def test_bench_cli_tiny_json(tmp_path, capsys):
 def test_bench_rejects_unknown_model():
     with pytest.raises(RuntimeError, match='Unknown model'):
         main(['bench', '--model', 'no_such_model', '--batch-size', '1', '--img-size', '32', '--repeats', '1'])
+
+
+def _page_faults_of_big_allocations(retain: bool) -> int:
+    code = (
+        'import resource, torch\n'
+        'from timm_gsop.bench import _retain_freed_memory\n'
+        f'assert _retain_freed_memory() if {retain} else True\n'
+        'for _ in range(2): torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n'
+        'before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
+        'for _ in range(5): torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n'
+        'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n')
+    # in a fresh process: it changes the allocator for the rest of the process
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
+def test_retain_freed_memory_stops_page_faults_between_steps():
+    system, retained = _page_faults_of_big_allocations(False), _page_faults_of_big_allocations(True)
+    # glibc maps every 64 MiB block afresh (~16k faults of 4 KiB each); retained memory is reused
+    assert system > 3 * 16384 and retained < system / 2, (system, retained)

@@ -22,6 +22,7 @@ import timm
 
 from .cli import count_gflops, count_params, format_table, parse_model_kwargs
 from .layers import second_order
+from .layers.gsop import row_conv
 
 __all__ = ['parse_model_spec', 'bench_models', 'bench_ops', 'add_parser']
 
@@ -51,6 +52,19 @@ def _pin_malloc_to_mmap() -> None:
         libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def _retain_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming), as jemalloc or
+    tcmalloc would. With glibc's defaults every block-sized tensor is a fresh mmap: on a 2-core VM that is
+    50-90k page faults and 100-160 ms of system time per ResNet-50 step at batch 8, noise larger than the
+    differences being measured. Returns False where it cannot be applied (not glibc)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _peak_rss_reset() -> Optional[int]:
@@ -262,17 +276,6 @@ def row_conv_grouped(conv: nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda s: conv(s.unsqueeze(-1)).flatten(1)
 
 
-def row_conv_bmm(conv: nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same contraction as one batched matmul over rows: out[b, i, k] = sum_j s[b, i, j] w[i, k, j]."""
-    n = conv.in_channels
-    weight = conv.weight.view(n, -1, n)  # (i, k, j)
-
-    def fn(s: torch.Tensor) -> torch.Tensor:
-        out = torch.bmm(s.transpose(0, 1), weight.transpose(1, 2))  # (i, B, k)
-        return out.transpose(0, 1).flatten(1) + conv.bias
-    return fn
-
-
 def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int) -> float:
     x = x.detach().requires_grad_()
     start = time.perf_counter()
@@ -296,9 +299,9 @@ def bench_ops(repeats: int = 5, steps: int = 3) -> List[Dict[str, Any]]:
          lambda t: isqrt_triu_per_sample(t, 3), spd),
     ]
     conv = nn.Conv2d(128, 512, kernel_size=(128, 1), groups=128)
-    # the row-wise conv as released (grouped (N, 1) conv, what the models use) vs one batched matmul
-    cases.append(('row conv (8,128,128): grouped vs bmm', row_conv_grouped(conv), row_conv_bmm(conv),
-                  torch.randn(8, 128, 128, generator=gen)))
+    # the row-wise conv: per-row dot products (what the models run) vs the released grouped (N, 1) conv
+    cases.append(('row conv (8,128,128): dot products vs grouped conv', lambda s: row_conv(s, conv.weight, conv.bias),
+                  row_conv_grouped(conv), torch.randn(8, 128, 128, generator=gen)))
     rows = []
     for label, ours, reference, x in cases:
         torch.testing.assert_close(ours(x), reference(x).float(), rtol=1e-3, atol=1e-4)  # same maths
@@ -352,6 +355,9 @@ _AMP = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float1
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = args.malloc
+    if malloc == 'retain' and not _retain_freed_memory():
+        malloc = 'system (retain not supported here)'
     amp = _AMP[args.amp] if args.amp else None
     log = (lambda msg: print(f'[bench] {msg}', file=sys.stderr, flush=True)) if not args.quiet else None
     results = bench_models(
@@ -360,14 +366,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, compile_model=args.compile, amp_dtype=amp,
         memory=not args.no_memory, progress=log)
     ops = bench_ops(repeats=args.repeats) if args.ops else None
-    meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(),
+    meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(), 'malloc': malloc,
             'command': 'timm-gsop ' + ' '.join(sys.argv[1:]) if sys.argv else ''}
     if args.json:
         payload = {'meta': meta, 'models': results, 'ops': ops}
         with open(args.json, 'w') as f:
             json.dump(payload, f, indent=2)
     print(f'torch {meta["torch"]}, timm {meta["timm"]}, {meta["threads"]} threads, device {args.device}, '
-          f'{args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
+          f'malloc {malloc}, {args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
     print(format_results(results, ops))
     return 0
 
@@ -390,6 +396,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--amp', choices=sorted(_AMP), default=None, help='autocast dtype')
     p.add_argument('--ops', action='store_true', help='also compare the ops with the released formulations')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
+                   help="CPU allocator behaviour while timing: 'retain' keeps freed memory in the process "
+                        "(glibc mallopt, like jemalloc/tcmalloc; no page faults per step), 'system' leaves the "
+                        "C library's defaults. Peak memory is always read in a fresh process.")
     p.add_argument('--json', help='also write the results as JSON to this file')
     p.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
     p.set_defaults(func=_cmd_bench)

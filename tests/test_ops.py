@@ -537,3 +537,17 @@ def test_property_isqrt_squares_back(n, b, scale, cond, seed):
     yd = y.double()
     resid = torch.linalg.matrix_norm(yd @ yd - a) / torch.linalg.matrix_norm(a)
     assert resid.max().item() < 1e-4
+
+
+def test_triu_index_is_computed_once_and_usable_after_inference_mode():
+    from timm_gsop.layers.second_order import _TRIU_INDEX_CACHE
+    x = torch.randn(2, 11, 11)
+    with torch.inference_mode():
+        first = triu_vectorize(x)  # the index is cached here, inside inference_mode
+    cached = _TRIU_INDEX_CACHE[(11, x.device)]
+    xg = x.clone().requires_grad_()
+    out = triu_vectorize(xg)  # index_select saves the cached index for backward
+    assert _TRIU_INDEX_CACHE[(11, x.device)] is cached
+    torch.testing.assert_close(out, first)
+    out.sum().backward()
+    assert xg.grad.sum().item() == 11 * 12 // 2

@@ -119,23 +119,18 @@ class _ReluConvFunction(torch.autograd.Function):
         else:
             x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = grad_weight = grad_bias = None
         with torch.autocast(device_type=x.device.type, enabled=False) if autocast else nullcontext():
             grad_out = _cast(grad_out, dtype)
             weight_c = _cast(weight, dtype)
-            relu_x = F.relu(_cast(x, dtype))
-            del x  # a recomputed one is dropped here; the saved one stays with ctx
-            if needs_weight or (needs_bias and ctx.has_bias):
-                _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                    grad_out, relu_x, weight_c, [weight.shape[0]] if ctx.has_bias else None,
-                    stride, padding, dilation, False, [0, 0], groups, [False, needs_weight, needs_bias and ctx.has_bias])
-            if needs_x:
-                # keep a 1-byte mask instead of relu(x) while the input gradient is made: this runs at the
-                # start of backward, where memory peaks
-                input_shape, mask = relu_x.shape, relu_x > 0
-                del relu_x
-                grad_x = torch.nn.grad.conv2d_input(
-                    input_shape, weight_c, grad_out, stride, padding, dilation, groups).mul_(mask)
+            # a recomputed x is ours to rectify in place (one block-sized buffer, not two)
+            relu_x = _cast(x, dtype).relu_() if ctx.from_source else F.relu(_cast(x, dtype))
+            del x
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_out, relu_x, weight_c, [weight.shape[0]] if ctx.has_bias else None,
+                stride, padding, dilation, False, [0, 0], groups, [needs_x, needs_weight, needs_bias and ctx.has_bias])
+            if grad_x is not None:
+                # relu's backward, in place: one block-sized buffer less at the start of backward (the peak)
+                grad_x = torch.ops.aten.threshold_backward.grad_input(grad_x, relu_x, 0, grad_input=grad_x)
                 grad_x = _cast(grad_x, x_dtype)
                 if ctx.link is not None:
                     grad_x = ctx.link.add_to(grad_x)

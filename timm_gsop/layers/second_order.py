@@ -15,6 +15,7 @@ They are registered as leaf functions for ``torch.fx`` (plain ``symbolic_trace``
 feature extraction), so a traced model keeps the float32 region intact.
 """
 from contextlib import nullcontext
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -197,13 +198,28 @@ def triu_indices_flat(dim: int, device: torch.device = torch.device('cpu')) -> T
 def triu_vectorize(x: Tensor) -> Tensor:
     """Vectorise the triangle of symmetric matrices: ``(B, N, N) -> (B, N * (N + 1) / 2)``.
 
-    One gather with a precomputed index, no per-sample loop. Keeps the input dtype.
+    One gather with an index computed once per (N, device), no per-sample loop. Keeps the input dtype.
     """
     if not torch.jit.is_scripting():
         if not skip_checks(x) and (x.dim() != 3 or x.shape[-1] != x.shape[-2]):
             raise ValueError(f'triu_vectorize expects (B, N, N), got shape {tuple(x.shape)}')
+        if not torch.compiler.is_compiling():  # compiled graphs bake the index in themselves
+            return x.flatten(1).index_select(1, _cached_triu_index(x.shape[-1], x.device))
     index = triu_indices_flat(x.shape[-1], x.device)
     return x.flatten(1).index_select(1, index)
+
+
+_TRIU_INDEX_CACHE: Dict[Tuple[int, torch.device], Tensor] = {}
+
+
+def _cached_triu_index(dim: int, device: torch.device) -> Tensor:
+    key = (dim, device)
+    index = _TRIU_INDEX_CACHE.get(key)
+    if index is None:
+        # a normal tensor even when first asked for under inference_mode: backward may save it later
+        with torch.inference_mode(False):
+            index = _TRIU_INDEX_CACHE[key] = triu_indices_flat(dim, device)
+    return index
 
 
 # leaf functions for fx: plain torch.fx.symbolic_trace (fx.wrap patches this module's globals, so

@@ -74,6 +74,13 @@ def test_gsop_bottleneck_matches_timm_bottleneck_in_float64(name, kwargs):
     _train_twice_and_compare(model, ref, x)
 
 
+def test_fused_path_matches_in_channels_last():
+    model = randomise_bn_(timm.create_model('gsop_resnet50', **TINY)).double().train()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64).to(memory_format=torch.channels_last)
+    _train_twice_and_compare(model, _as_timm_bottlenecks(model), x)
+
+
 def test_fused_path_handles_cumulative_bn_momentum_and_untracked_stats():
     model = timm.create_model('gsop_resnet50', **TINY).double().train()
     blocks = [s[-1] for s in (model.layer1, model.layer2, model.layer3, model.layer4)]

@@ -67,7 +67,8 @@ class ReluConv2d(nn.Conv2d):
             if (self.recompute and self.padding_mode == 'zeros' and not skip_checks(x)
                     and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
                 return _ReluConvFunction.apply(
-                    x, self.weight, self.bias, stride, self.padding, self.dilation, self.groups, None, None, None, None)
+                    x, self.weight, self.bias, stride, self.padding, self.dilation, self.groups, None, None, None, None,
+                    None)
         if self.padding_mode != 'zeros':
             return self._conv_forward(F.relu(x), self.weight, self.bias)
         return F.conv2d(F.relu(x), self.weight, self.bias, stride, self.padding, self.dilation, self.groups)
@@ -77,15 +78,20 @@ class ReluConv2d(nn.Conv2d):
     ) -> Tensor:
         """``forward(x)`` for ``x == source * scale + shift`` (per channel, e.g. a BatchNorm's output): saves
         ``source`` instead of ``x`` and recomputes ``x`` in backward. For when ``source`` is kept anyway.
-        ``link``: see :class:`GradientLink`; not for a subsampling conv (its input gradient is a subsample's)."""
+        ``link``: see :class:`GradientLink`."""
         if self.padding_mode != 'zeros':
             raise ValueError('forward_affine_input supports zero padding only')
+        step = None
         if link is not None and self.subsamples:
-            raise ValueError('a GradientLink needs a conv that reads its whole input (stride 1)')
-        x, stride = self._subsample(x)
-        source = self._subsample(source)[0]
+            # subsample inside the function: its backward then writes the subsample's gradient into the
+            # linked full-size term, with no zero-filled buffer and no separate accumulation
+            step, stride = self.stride, (1, 1)
+        else:
+            x, stride = self._subsample(x)
+            source = self._subsample(source)[0]
         return _ReluConvFunction.apply(
-            x, self.weight, self.bias, stride, self.padding, self.dilation, self.groups, source, scale, shift, link)
+            x, self.weight, self.bias, stride, self.padding, self.dilation, self.groups, source, scale, shift, link,
+            step)
 
 
 class _ReluConvFunction(torch.autograd.Function):
@@ -97,7 +103,10 @@ class _ReluConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, source, scale, shift, link):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, source, scale, shift, link, step):
+        ctx.step, ctx.full_shape = step, x.shape
+        if step is not None:  # x is the full map; the conv reads every step-th position
+            x = x[:, :, ::step[0], ::step[1]]
         autocast = autocast_active(x)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         ctx.conv_args = (stride, padding, dilation, groups, dtype, autocast, x.dtype)
@@ -115,6 +124,8 @@ class _ReluConvFunction(torch.autograd.Function):
         stride, padding, dilation, groups, dtype, autocast, x_dtype = ctx.conv_args
         if ctx.from_source:
             source, weight, scale, shift = ctx.saved_tensors
+            if ctx.step is not None:
+                source = source[:, :, ::ctx.step[0], ::ctx.step[1]]
             x = affine_per_channel(source, scale, shift, x_dtype)
         else:
             x, weight = ctx.saved_tensors
@@ -132,11 +143,14 @@ class _ReluConvFunction(torch.autograd.Function):
                 # relu's backward, in place: one block-sized buffer less at the start of backward (the peak)
                 grad_x = torch.ops.aten.threshold_backward.grad_input(grad_x, relu_x, 0, grad_input=grad_x)
                 grad_x = _cast(grad_x, x_dtype)
-                if ctx.link is not None:
+                if ctx.step is not None:
+                    link = ctx.link if ctx.link is not None else GradientLink()
+                    grad_x = link.scatter_add_to(grad_x, ctx.step, ctx.full_shape)
+                elif ctx.link is not None:
                     grad_x = ctx.link.add_to(grad_x)
         ctx.link = None
         return (grad_x, _cast(grad_weight, weight.dtype), _cast(grad_bias, weight.dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def affine_per_channel(source: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
@@ -204,10 +218,21 @@ class GradientLink:
         self.scale: Optional[Tensor] = None
 
     def add_to(self, grad_x: Tensor) -> Tensor:
+        """``grad_x + grad * a``, in place in ``grad_x``."""
         if self.grad is not None:
             grad_x = grad_x.addcmul_(self.grad, self.scale.to(grad_x.dtype))
             self.grad = self.scale = None
         return grad_x
+
+    def scatter_add_to(self, grad_sub: Tensor, step: Tuple[int, int], shape: torch.Size) -> Tensor:
+        """``grad * a`` over the full map plus ``grad_sub`` at the positions a strided conv read."""
+        if self.grad is not None:
+            full = self.grad * self.scale.to(self.grad.dtype)
+            self.grad = self.scale = None
+        else:
+            full = grad_sub.new_zeros(shape)
+        full[:, :, ::step[0], ::step[1]] += grad_sub.to(full.dtype)
+        return full
 
 
 class _ScaleAddFunction(torch.autograd.Function):
@@ -236,10 +261,14 @@ class _ScaleAddFunction(torch.autograd.Function):
                 grad_x = grad * a.to(grad.dtype)
         ctx.link = None
         if ctx.needs_input_grad[1]:
-            if grad.dtype in (torch.float32, torch.float64) and source.dtype == grad.dtype:
+            if (grad.dtype in (torch.float32, torch.float64) and source.dtype == grad.dtype
+                    and grad.is_contiguous() and source.is_contiguous()):
                 # sum(grad * x) = scale * sum(grad * source) + shift * sum(grad), as batched dot products:
-                # no block-sized temporaries at the start of backward, where memory peaks
+                # no block-sized temporary (channels_last would need copies: the branch below instead)
                 dots = torch.matmul(grad.flatten(2).unsqueeze(2), source.flatten(2).unsqueeze(3)).flatten(2)
+                grad_a = dots * scale.view(1, -1, 1) + grad.sum((2, 3)).unsqueeze(-1) * shift.view(1, -1, 1)
+            elif grad.dtype in (torch.float32, torch.float64) and source.dtype == grad.dtype:  # e.g. channels_last
+                dots = (grad * source).sum((2, 3)).unsqueeze(-1)
                 grad_a = dots * scale.view(1, -1, 1) + grad.sum((2, 3)).unsqueeze(-1) * shift.view(1, -1, 1)
             else:  # reduced precision: recompute x and accumulate in float32
                 x = affine_per_channel(source, scale, shift, ctx.x_dtype)
@@ -386,7 +415,7 @@ class ChannelGSoP(nn.Module):
                 _check_channels(x, self.channels, type(self).__name__)
                 y, scale, shift = batch_norm_train_affine(x, bn)
                 # the link fuses two block-sized gradient terms; torch.compile traces both backwards on its own
-                link = None if torch.compiler.is_compiling() or self.conv_reduce.subsamples else GradientLink()
+                link = None if torch.compiler.is_compiling() else GradientLink()
                 reduced = self.conv_reduce.forward_affine_input(y, x, scale, shift, link)
                 if type(self.bn_reduce) is nn.BatchNorm2d and self.bn_reduce.training and type(self.act) is nn.ReLU:
                     pre, scale_r, shift_r = batch_norm_train_affine(reduced, self.bn_reduce)

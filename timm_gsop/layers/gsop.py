@@ -16,7 +16,6 @@ Parameter names differ from the released code (``conv_for_DR`` -> ``conv_reduce`
 ``checkpoint_filter_fn`` maps them.
 """
 import math
-from contextlib import nullcontext
 from typing import Optional, Tuple, Type, Union
 
 import torch
@@ -28,7 +27,7 @@ from timm.layers import register_notrace_module
 from torch.autograd.function import once_differentiable
 
 from . import second_order
-from .second_order import autocast_active, skip_checks
+from .second_order import autocast_active, autocast_off, skip_checks
 
 __all__ = [
     'GSOP_MANNERS', 'ReluConv2d', 'CovarianceGate', 'ChannelGSoP', 'PositionGSoP', 'GSoPFusion', 'create_gsop',
@@ -56,10 +55,9 @@ class ReluConv2d(nn.Conv2d):
         return self.kernel_size == (1, 1) and self.padding == (0, 0) and self.stride != (1, 1)
 
     def _subsample(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        stride = self.stride
-        if self.kernel_size == (1, 1) and self.padding == (0, 0) and stride != (1, 1):
-            return x[:, :, ::stride[0], ::stride[1]], (1, 1)
-        return x, stride
+        if self.subsamples:
+            return x[:, :, ::self.stride[0], ::self.stride[1]], (1, 1)
+        return x, self.stride
 
     def forward(self, x: Tensor) -> Tensor:
         x, stride = self._subsample(x)
@@ -114,7 +112,7 @@ class _ReluConvFunction(torch.autograd.Function):
         ctx.from_source = source is not None
         ctx.link = link
         ctx.save_for_backward(*((x, weight) if source is None else (source, weight, scale, shift)))
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else nullcontext():
+        with autocast_off(x, autocast):
             return F.conv2d(
                 F.relu(_cast(x, dtype)), _cast(weight, dtype), _cast(bias, dtype), stride, padding, dilation, groups)
 
@@ -130,7 +128,7 @@ class _ReluConvFunction(torch.autograd.Function):
         else:
             x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else nullcontext():
+        with autocast_off(x, autocast):
             grad_out = _cast(grad_out, dtype)
             weight_c = _cast(weight, dtype)
             # a recomputed x is ours to rectify in place (one block-sized buffer, not two)
@@ -143,9 +141,8 @@ class _ReluConvFunction(torch.autograd.Function):
                 # relu's backward, in place: one block-sized buffer less at the start of backward (the peak)
                 grad_x = torch.ops.aten.threshold_backward.grad_input(grad_x, relu_x, 0, grad_input=grad_x)
                 grad_x = _cast(grad_x, x_dtype)
-                if ctx.step is not None:
-                    link = ctx.link if ctx.link is not None else GradientLink()
-                    grad_x = link.scatter_add_to(grad_x, ctx.step, ctx.full_shape)
+                if ctx.step is not None:  # only set together with a link
+                    grad_x = ctx.link.scatter_add_to(grad_x, ctx.step, ctx.full_shape)
                 elif ctx.link is not None:
                     grad_x = ctx.link.add_to(grad_x)
         ctx.link = None
@@ -184,11 +181,8 @@ class _ReluCovarianceFunction(torch.autograd.Function):
     def forward(ctx, x, source, scale, shift):
         autocast = autocast_active(x)
         ctx.meta = (x.dtype, autocast)
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else nullcontext():
-            y = second_order.upcast(F.relu(x).flatten(2))
-            mean = y.mean(dim=2, keepdim=True)
-            centred = y - mean
-            cov = torch.bmm(centred, centred.transpose(1, 2)).div_(y.shape[-1])
+        with autocast_off(x, autocast):
+            cov, mean = second_order.centred_covariance(second_order.upcast(F.relu(x).flatten(2)))
         ctx.save_for_backward(source, scale, shift, mean)
         return cov
 
@@ -197,11 +191,10 @@ class _ReluCovarianceFunction(torch.autograd.Function):
     def backward(ctx, grad):
         source, scale, shift, mean = ctx.saved_tensors
         x_dtype, autocast = ctx.meta
-        with torch.autocast(device_type=grad.device.type, enabled=False) if autocast else nullcontext():
+        with autocast_off(grad, autocast):
             relu_x = F.relu(affine_per_channel(source, scale, shift, x_dtype))
-            y = second_order.upcast(relu_x.flatten(2))
-            grad = second_order.upcast(grad)
-            grad_y = torch.bmm(grad + grad.transpose(1, 2), y - mean).div_(y.shape[-1]).view_as(relu_x)
+            grad_y = second_order.covariance_grad(
+                second_order.upcast(grad), second_order.upcast(relu_x.flatten(2)), mean).view_as(relu_x)
             grad_x = torch.ops.aten.threshold_backward(grad_y, second_order.upcast(relu_x), 0)
         return grad_x.to(x_dtype), None, None, None
 
@@ -245,7 +238,7 @@ class _ScaleAddFunction(torch.autograd.Function):
         ctx.save_for_backward(a, source, scale, shift)
         # in place: x is a fresh BN output nothing saves; a new block-sized buffer costs page faults on CPU
         ctx.mark_dirty(x)
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast_active(x) else nullcontext():
+        with autocast_off(x):
             torch.addcmul(shortcut, x, a.to(x.dtype), out=x)
         return x
 
@@ -261,19 +254,18 @@ class _ScaleAddFunction(torch.autograd.Function):
                 grad_x = grad * a.to(grad.dtype)
         ctx.link = None
         if ctx.needs_input_grad[1]:
-            if (grad.dtype in (torch.float32, torch.float64) and source.dtype == grad.dtype
-                    and grad.is_contiguous() and source.is_contiguous()):
-                # sum(grad * x) = scale * sum(grad * source) + shift * sum(grad), as batched dot products:
-                # no block-sized temporary (channels_last would need copies: the branch below instead)
-                dots = torch.matmul(grad.flatten(2).unsqueeze(2), source.flatten(2).unsqueeze(3)).flatten(2)
-                grad_a = dots * scale.view(1, -1, 1) + grad.sum((2, 3)).unsqueeze(-1) * shift.view(1, -1, 1)
-            elif grad.dtype in (torch.float32, torch.float64) and source.dtype == grad.dtype:  # e.g. channels_last
-                dots = (grad * source).sum((2, 3)).unsqueeze(-1)
-                grad_a = dots * scale.view(1, -1, 1) + grad.sum((2, 3)).unsqueeze(-1) * shift.view(1, -1, 1)
+            if grad.dtype in (torch.float32, torch.float64) and source.dtype == grad.dtype:
+                # sum(grad * x) = scale * sum(grad * source) + shift * sum(grad)
+                if grad.is_contiguous() and source.is_contiguous():
+                    # batched dot products: no block-sized temporary (channels_last would need copies)
+                    dots = torch.matmul(grad.flatten(2).unsqueeze(2), source.flatten(2).unsqueeze(3)).flatten(1)
+                else:
+                    dots = (grad * source).sum((2, 3))
+                grad_a = dots * scale + grad.sum((2, 3)) * shift
             else:  # reduced precision: recompute x and accumulate in float32
                 x = affine_per_channel(source, scale, shift, ctx.x_dtype)
-                grad_a = (grad * x).sum((2, 3), dtype=torch.float32).unsqueeze(-1)
-            grad_a = grad_a.unsqueeze(-1).to(a.dtype)
+                grad_a = (grad * x).sum((2, 3), dtype=torch.float32)
+            grad_a = grad_a.view_as(a).to(a.dtype)
         return grad_x, grad_a, grad, None, None, None, None
 
 

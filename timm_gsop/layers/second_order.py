@@ -15,7 +15,7 @@ They are registered as leaf functions for ``torch.fx`` (plain ``symbolic_trace``
 feature extraction), so a traced model keeps the float32 region intact.
 """
 from contextlib import nullcontext
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ from timm.layers import register_notrace_function
 
 __all__ = [
     'covariance_pool', 'position_gram', 'isqrt', 'triu_vectorize', 'triu_indices_flat',
-    'autocast_active', 'TRACE_EPS', 'skip_checks',
+    'autocast_active', 'autocast_off', 'centred_covariance', 'covariance_grad', 'upcast', 'TRACE_EPS',
+    'skip_checks',
 ]
 
 # Guard for the trace normalisation in iSQRT. A ReLU feature map that is all zero (a blank image,
@@ -63,38 +64,49 @@ def _check_feature_map(x: Tensor, name: str) -> None:
         raise ValueError(f'{name} expects a 4-D (B, C, H, W) feature map, got shape {tuple(x.shape)}')
 
 
-def _covariance_fp32(x: Tensor) -> Tensor:
-    x = upcast(x.flatten(2))
-    num_positions = x.shape[-1]
-    x = x - x.mean(dim=2, keepdim=True)
+def autocast_off(x: Tensor, active: Optional[bool] = None):
+    """A context that disables autocast for ``x``'s device if it is on (or if ``active``), else does nothing."""
+    if autocast_active(x) if active is None else active:
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return nullcontext()
+
+
+def centred_covariance(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(B, C, M)`` -> covariance ``(X - mean)(X - mean)^T / M`` and the ``(B, C, 1)`` mean, in ``x``'s dtype."""
+    mean = x.mean(dim=2, keepdim=True)
+    centred = x - mean
     # centred product == X I_hat X^T of the released code, without the (M, M) I_hat
-    return torch.bmm(x, x.transpose(1, 2)).div_(num_positions)
+    return torch.bmm(centred, centred.transpose(1, 2)).div_(x.shape[-1]), mean
+
+
+def covariance_grad(grad: Tensor, x: Tensor, mean: Tensor) -> Tensor:
+    """Gradient of :func:`centred_covariance` w.r.t. ``x``: ``(G + G^T)(X - mean) / M``. No term through the
+    mean is needed: the rows of ``(G + G^T)(X - mean)`` already sum to zero."""
+    return torch.bmm(grad + grad.transpose(1, 2), x - mean).div_(x.shape[-1])
+
+
+def _covariance_fp32(x: Tensor) -> Tensor:
+    return centred_covariance(upcast(x.flatten(2)))[0]
 
 
 class _CovarianceFunction(torch.autograd.Function):
-    """Covariance with a hand-written backward: ``dX = (G + G^T) (X - mean) / M``.
-
-    One batched product instead of autograd's two (and no gradient through the mean: the rows of
-    ``(G + G^T)(X - mean)`` already sum to zero). Saves the input itself, not a centred copy: the ReLU in
-    front of the covariance keeps that tensor alive anyway. Called with autocast disabled.
+    """Covariance with a hand-written backward (:func:`covariance_grad`): one batched product instead of
+    autograd's two. Saves the input itself, not a centred copy: the ReLU in front of the covariance keeps
+    that tensor alive anyway. Called with autocast disabled.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        x_flat = upcast(x.flatten(2))
-        mean = x_flat.mean(dim=2, keepdim=True)
-        centred = x_flat - mean
+        cov, mean = centred_covariance(upcast(x.flatten(2)))
         ctx.save_for_backward(x, mean)
-        return torch.bmm(centred, centred.transpose(1, 2)).div_(x_flat.shape[-1])
+        return cov
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         x, mean = ctx.saved_tensors
-        x_flat = upcast(x.flatten(2))
-        with torch.autocast(device_type=grad.device.type, enabled=False) if autocast_active(grad) else nullcontext():
-            grad = upcast(grad)
-            grad_x = torch.bmm(grad + grad.transpose(1, 2), x_flat - mean).div_(x_flat.shape[-1])
+        with autocast_off(grad):
+            grad_x = covariance_grad(upcast(grad), upcast(x.flatten(2)), mean)
         return grad_x.view_as(x).to(x.dtype)
 
 

@@ -25,8 +25,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.cov_pool import ISqrtCovPool
-from ._blocks import GSoPBottleneck
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
+from ._blocks import GSoPBottleneck
 from ._common import POOL_TYPES, CheckpointMismatchError, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, \
     build_gsop_model, check_choice, check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
 

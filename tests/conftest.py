@@ -25,3 +25,28 @@ def randomise_bn_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.weight.copy_(0.5 + torch.rand(n, generator=g))
                 m.bias.copy_(0.1 * torch.randn(n, generator=g))
     return module
+
+
+def tiny_kwargs(name: str) -> dict:
+    """Kwargs that make any registered model small (one block per stage, narrow stages, 7 classes, a 32-d
+    covariance head) while keeping its structure: for tests that run every model many times in float64."""
+    if 'cifar' in name:
+        kwargs = dict(layers=(1, 1, 1), num_classes=7)
+    else:
+        kwargs = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), num_classes=7)
+    if name.startswith(('gsop2', 'isqrt')):
+        kwargs['isqrt_dim'] = 32
+    return kwargs
+
+
+def distinct_tiny_models(names):
+    """``names`` without those whose tiny version is the same network as an earlier one's (e.g. a 101-layer
+    model and its 50-layer twin differ only in depth, which :func:`tiny_kwargs` sets)."""
+    import timm
+    seen, out = set(), []
+    for name in names:
+        text = repr(timm.create_model(name, device='meta', **tiny_kwargs(name)))
+        if text not in seen:
+            seen.add(text)
+            out.append(name)
+    return out

@@ -11,6 +11,7 @@ from conftest import randomise_bn_
 from timm_gsop.layers import (
     GSOP_MANNERS, ChannelGSoP, CovarianceGate, GSoPFusion, ISqrtCovPool, PositionGSoP, create_gsop,
     covariance_pool, isqrt, triu_vectorize)
+from timm_gsop.layers.gsop import ReluConv2d, row_conv
 
 CHANNELS = 256
 
@@ -349,3 +350,24 @@ def test_isqrt_cov_pool_zero_input_is_finite():
     assert torch.equal(out, torch.zeros(2, 32 * 33 // 2))
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_relu_conv_is_conv_of_relu_and_subsamples_first(stride):
+    torch.manual_seed(0)
+    conv = ReluConv2d(16, 8, kernel_size=1, stride=stride).double()
+    x = torch.randn(3, 16, 9, 7, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    ref = F.conv2d(F.relu(x), conv.weight, conv.bias, stride=stride)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    wrt = [x, conv.weight, conv.bias]
+    for a, b in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(ref, wrt, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_row_conv_equals_the_released_grouped_conv():
+    conv = nn.Conv2d(32, 128, kernel_size=(32, 1), groups=32)
+    s = torch.randn(4, 32, 32)
+    torch.testing.assert_close(row_conv(s, conv.weight, conv.bias), conv(s.unsqueeze(-1)).flatten(1),
+                               rtol=1e-5, atol=1e-5)

@@ -14,18 +14,18 @@ usable on their own::
 They are registered as leaf functions for ``torch.fx`` (plain ``symbolic_trace`` and timm's
 feature extraction), so a traced model keeps the float32 region intact.
 """
+import warnings
 from contextlib import nullcontext
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from timm.layers import register_notrace_function
 
 __all__ = [
     'covariance_pool', 'position_gram', 'isqrt', 'triu_vectorize', 'triu_indices_flat',
-    'autocast_active', 'autocast_off', 'centred_covariance', 'covariance_grad', 'upcast', 'TRACE_EPS',
+    'autocast_active', 'autocast_off', 'upcast', 'TRACE_EPS',
     'skip_checks',
 ]
 
@@ -71,50 +71,39 @@ def autocast_off(x: Tensor, active: Optional[bool] = None):
     return nullcontext()
 
 
-def centred_covariance(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(B, C, M)`` -> covariance ``(X - mean)(X - mean)^T / M`` and the ``(B, C, 1)`` mean, in ``x``'s dtype."""
-    mean = x.mean(dim=2, keepdim=True)
-    centred = x - mean
+def _centred_covariance(x: Tensor) -> Tensor:
+    centred = x - x.mean(dim=2, keepdim=True)
     # centred product == X I_hat X^T of the released code, without the (M, M) I_hat
-    return torch.bmm(centred, centred.transpose(1, 2)).div_(x.shape[-1]), mean
+    return torch.bmm(centred, centred.transpose(1, 2)).div_(x.shape[-1])
 
 
-def covariance_grad(grad: Tensor, x: Tensor, mean: Tensor) -> Tensor:
-    """Gradient of :func:`centred_covariance` w.r.t. ``x``: ``(G + G^T)(X - mean) / M``. No term through the
-    mean is needed: the rows of ``(G + G^T)(X - mean)`` already sum to zero."""
-    return torch.bmm(grad + grad.transpose(1, 2), x - mean).div_(x.shape[-1])
+class _Covariance(torch.autograd.Function):
+    """``(B, C, M) -> (B, C, C)`` centred covariance that keeps its input for backward, not a centred copy:
+    the ReLU in front of every covariance here keeps that tensor anyway. The backward,
+    ``(G + G^T)(X - mean) / M``, is written in differentiable ops (double backward, torch.func)."""
+    generate_vmap_rule = True  # torch.func.vmap derives the batched rule from forward / backward
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _centred_covariance(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, = ctx.saved_tensors
+        # no term through the mean: the rows of (G + G^T)(X - mean) already sum to zero over M
+        return torch.bmm(grad + grad.transpose(1, 2), x - x.mean(dim=2, keepdim=True)) / x.shape[-1]
 
 
 def _covariance_fp32(x: Tensor) -> Tensor:
-    return centred_covariance(upcast(x.flatten(2)))[0]
-
-
-class _CovarianceFunction(torch.autograd.Function):
-    """Covariance with a hand-written backward (:func:`covariance_grad`): one batched product instead of
-    autograd's two. Saves the input itself, not a centred copy: the ReLU in front of the covariance keeps
-    that tensor alive anyway. Called with autocast disabled.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        cov, mean = centred_covariance(upcast(x.flatten(2)))
-        ctx.save_for_backward(x, mean)
-        return cov
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        x, mean = ctx.saved_tensors
-        with autocast_off(grad):
-            grad_x = covariance_grad(upcast(grad), upcast(x.flatten(2)), mean)
-        return grad_x.view_as(x).to(x.dtype)
-
-
-def _covariance(x: Tensor) -> Tensor:
+    x = upcast(x.flatten(2))
     if not torch.jit.is_scripting():
-        if torch.is_grad_enabled() and x.requires_grad and not skip_checks(x):
-            return _CovarianceFunction.apply(x)
-    return _covariance_fp32(x)
+        if not (skip_checks(x) or torch.compiler.is_compiling()):
+            return _Covariance.apply(x)
+    return _centred_covariance(x)
 
 
 def covariance_pool(x: Tensor) -> Tensor:
@@ -128,8 +117,8 @@ def covariance_pool(x: Tensor) -> Tensor:
         _check_feature_map(x, 'covariance_pool')
         if autocast_active(x):
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return _covariance(x)
-    return _covariance(x)
+                return _covariance_fp32(x)
+    return _covariance_fp32(x)
 
 
 def _position_gram_fp32(x: Tensor) -> Tensor:
@@ -201,8 +190,18 @@ def triu_indices_flat(dim: int, device: torch.device = torch.device('cpu')) -> T
     """Flat indices (into an N*N row-major matrix) of the lower triangle incl. diagonal, row by row.
 
     This is the released code's order (``ones(N, N).triu().t()`` nonzeros); for a symmetric matrix it
-    holds the same values as the upper triangle read column by column.
+    holds the same values as the upper triangle read column by column. Built from Python integers, so a
+    tracer (``torch.jit.trace``, the TorchScript ONNX exporter) records it as a constant, not as
+    ``aten::tril_indices`` (which ONNX has no op for).
     """
+    index = [row * dim + col for row in range(dim) for col in range(row + 1)]
+    with warnings.catch_warnings():
+        # a tracer records it as a constant, which is what we want here
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        return torch.tensor(index, dtype=torch.long, device=device)
+
+
+def _triu_indices_flat_script(dim: int, device: torch.device) -> Tensor:
     rows_cols = torch.tril_indices(dim, dim, device=device)
     return rows_cols[0] * dim + rows_cols[1]
 
@@ -217,8 +216,7 @@ def triu_vectorize(x: Tensor) -> Tensor:
             raise ValueError(f'triu_vectorize expects (B, N, N), got shape {tuple(x.shape)}')
         if not torch.compiler.is_compiling():  # compiled graphs bake the index in themselves
             return x.flatten(1).index_select(1, _cached_triu_index(x.shape[-1], x.device))
-    index = triu_indices_flat(x.shape[-1], x.device)
-    return x.flatten(1).index_select(1, index)
+    return x.flatten(1).index_select(1, _triu_indices_flat_script(x.shape[-1], x.device))
 
 
 _TRIU_INDEX_CACHE: Dict[Tuple[int, torch.device], Tensor] = {}
@@ -230,7 +228,9 @@ def _cached_triu_index(dim: int, device: torch.device) -> Tensor:
     if index is None:
         # a normal tensor even when first asked for under inference_mode: backward may save it later
         with torch.inference_mode(False):
-            index = _TRIU_INDEX_CACHE[key] = triu_indices_flat(dim, device)
+            index = triu_indices_flat(dim, device)
+        if not torch.jit.is_tracing():  # a traced constant stays out of the cache
+            _TRIU_INDEX_CACHE[key] = index
     return index
 
 

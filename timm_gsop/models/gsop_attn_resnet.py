@@ -41,7 +41,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.gsop import GSOP_MANNERS, create_gsop
 from . import gsop_resnet as _gsop_resnet
-from ._blocks import GSoPBottleneck
+from ._blocks import GSoPBottleneck, set_fused
 from ._common import InputCheckMixin, apply_bn_overrides, build_gsop_model, check_choice, gsop_cfg, init_like_resnet, \
     with_hub_ids
 
@@ -74,6 +74,7 @@ class GSoPAttnResNet(InputCheckMixin, ResNet):
         zero_init_last: zero-init each block's last BN. Off by default, as in the rest of this package and
             the released code (on, every GSoP block starts on an all-zero input and gets no gradient until
             that BN moves).
+        gsop_fused: let :class:`GSoPBottleneck` blocks take their cheaper route (see ``GSoPResNet``).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class GSoPAttnResNet(InputCheckMixin, ResNet):
             bn_momentum: Optional[float] = None,
             bn_eps: Optional[float] = None,
             zero_init_last: bool = False,
+            gsop_fused: bool = True,
             device=None,
             dtype=None,
             **kwargs: Any,
@@ -117,6 +119,7 @@ class GSoPAttnResNet(InputCheckMixin, ResNet):
                 init_like_resnet(gsop)
                 blk.se = gsop
         apply_bn_overrides(self, bn_momentum, bn_eps)
+        set_fused(self, gsop_fused)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.cov_pool import ISqrtCovPool
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
-from ._blocks import GSoPBottleneck
+from ._blocks import GSoPBottleneck, set_fused
 from ._common import POOL_TYPES, CheckpointMismatchError, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, \
     build_gsop_model, check_choice, check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
 
@@ -54,6 +54,9 @@ class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
         bn_momentum, bn_eps: override every BatchNorm's momentum / eps (timm train.py's --bn-momentum ...).
         zero_init_last: zero-init each bottleneck's last BN. Off by default: the released code does not,
             and it would start every GSoP block on an all-zero input.
+        gsop_fused: let :class:`GSoPBottleneck` blocks take their cheaper route where it changes nothing
+            observable (training keeps no copy of ``bn3``'s output; inference adds in place). False: timm's
+            plain ``Bottleneck`` order everywhere.
     """
     min_input_size: int = 32  # the final map is then 2x2 (stride 16)
 
@@ -74,6 +77,7 @@ class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
             bn_momentum: Optional[float] = None,
             bn_eps: Optional[float] = None,
             zero_init_last: bool = False,
+            gsop_fused: bool = True,
             device=None,
             dtype=None,
             **kwargs: Any,
@@ -120,6 +124,7 @@ class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
 
         self._create_head(num_classes, global_pool)
         apply_bn_overrides(self, bn_momentum, bn_eps)
+        set_fused(self, gsop_fused)
 
 
 def _remove_stage_stride(stage: nn.Sequential) -> None:

@@ -37,7 +37,7 @@ from ._common import build_gsop_model, gsop_cfg, with_hub_ids
 
 __all__ = ['ISqrtResNet', 'checkpoint_filter_fn', 'fast_mpncov_to_triu_order']
 
-_GSOP_ONLY_KWARGS = ('gsop_manner', 'gsop_dim', 'gsop_stages', 'gsop_pool_size')
+_GSOP_ONLY_KWARGS = ('gsop_manner', 'gsop_dim', 'gsop_stages', 'gsop_pool_size', 'gsop_fused')
 
 
 class ISqrtResNet(GSoPResNet):

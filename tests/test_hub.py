@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ from huggingface_hub import constants as hf_constants
 import timm_gsop
 from timm_gsop import hub
 from timm_gsop.cli import count_gflops, count_params, list_gsop_models, main
-from timm_gsop.models._common import HUB_NAMESPACE, PUBLISHED, CheckpointMismatchError, WeightsNotAvailableError
+from timm_gsop.models import CheckpointMismatchError, WeightsNotAvailableError
+from timm_gsop.models import _cfg
+from timm_gsop.models._cfg import HUB_NAMESPACE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer  # noqa: E402
@@ -81,9 +84,9 @@ def write_train_checkpoint(path, model, ema=None, **args_over):
 
 def to_released_gsop(state_dict):
     """Our GSoP-Net (channel manner) keys -> the released code's (conv_for_DR, row_conv_group, layer_reduce ...)."""
-    from timm_gsop.models.gsop_resnet import _OFFICIAL_BLOCK_KEYS, _OFFICIAL_HEAD_KEYS
-    block = {ours: theirs for theirs, (branch, ours) in _OFFICIAL_BLOCK_KEYS.items() if branch == 'channel'}
-    head = {ours: theirs for theirs, ours in _OFFICIAL_HEAD_KEYS.items()}
+    from timm_gsop.models._checkpoint import _HEAD_KEYS, _RELEASED_BLOCK_KEYS
+    block = {ours: theirs for theirs, (branch, ours) in _RELEASED_BLOCK_KEYS.items() if branch == 'channel'}
+    head = {ours: theirs for theirs, ours in _HEAD_KEYS.items()}
     out = {}
     for k, v in state_dict.items():
         if '.se.' in k:
@@ -359,37 +362,42 @@ def test_num_classes_and_in_chans_adapt_keep_covariance_head(net2_export):
                                                       pre_logits=True), rtol=1e-4, atol=1e-5)
 
 
-def test_pretrained_default_cfg_without_hub_says_no_weights(monkeypatch, tmp_path):
-    """Every cfg names its Hub repo; with none reachable (offline, empty cache) the error says what to do."""
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path))
-    cfg = timm.models.get_pretrained_cfg('gsop_resnet50')
-    assert cfg.hf_hub_id == f'{HUB_NAMESPACE}/gsop_resnet50.in1k'
+def test_pretrained_without_published_weights_fails_at_once(monkeypatch):
+    """No weights exist for the GSoP tags: pretrained=True says so before any network request."""
+    def no_network(*args, **kwargs):
+        raise AssertionError('a network request was made')
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', no_network, raising=False)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    start = time.perf_counter()
     with pytest.raises(WeightsNotAvailableError) as info:
         timm.create_model('gsop_resnet50', pretrained=True)
+    assert time.perf_counter() - start < 5
     message = str(info.value)
-    assert f'No published weights yet for gsop_resnet50.in1k at hf-hub {HUB_NAMESPACE}/gsop_resnet50.in1k' in message
+    assert 'No published weights for gsop_resnet50.in1k' in message
     assert 'pretrained_cfg_overlay=dict(file=' in message and "'local-dir:" in message
-    assert 'could not be reached' in message
-    # a tag listed as published reads differently
-    monkeypatch.setattr(timm_gsop.models._common, 'PUBLISHED', {'gsop_resnet50.in1k'})
-    with pytest.raises(WeightsNotAvailableError, match='Could not download the published weights'):
-        timm.create_model('gsop_resnet50', pretrained=True)
 
 
-def test_every_cfg_names_its_hub_repo_and_list_stays_truthful(capsys):
-    for name in list_gsop_models():
-        for full in timm.list_models(name, include_tags=True):
-            cfg = timm.models.get_pretrained_cfg(full)
-            assert cfg.hf_hub_id == f'{HUB_NAMESPACE}/{full}' or cfg.url or cfg.file, full
+def test_list_models_pretrained_names_only_weights_that_exist(capsys):
+    listed = set(timm.list_models(pretrained=True))
+    ours = {full for name in list_gsop_models() for full in timm.list_models(name, include_tags=True)}
+    assert listed & ours == {'isqrt_resnet50.mpncov_in1k', 'isqrt_resnet101.mpncov_in1k'}
+    for full in ours:
+        cfg = timm.models.get_pretrained_cfg(full)
+        assert bool(cfg.has_weights) == (full in listed), full
     assert main(['list', 'gsop_resnet50']) == 0
-    assert 'in1k (no weights yet)' in capsys.readouterr().out
-    PUBLISHED.add('gsop_resnet50.in1k')
-    try:
-        assert main(['list', 'gsop_resnet50']) == 0
-        assert 'no weights yet' not in capsys.readouterr().out
-    finally:
-        PUBLISHED.discard('gsop_resnet50.in1k')
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('gsop_resnet50'))
+    assert row.rstrip().endswith('-')
+    assert main(['list', 'isqrt_resnet50']) == 0
+    assert 'mpncov_in1k' in capsys.readouterr().out
+
+
+def test_published_tags_point_at_the_hub_namespace(monkeypatch):
+    monkeypatch.setattr(_cfg, 'PUBLISHED', {'gsop_resnet50.in1k'})
+    cfgs = _cfg.with_hub_ids({'gsop_resnet50.in1k': {'url': ''}, 'gsop_resnet101.in1k': {'url': ''}})
+    assert cfgs['gsop_resnet50.in1k']['hf_hub_id'] == f'{HUB_NAMESPACE}/gsop_resnet50.in1k'
+    assert 'hf_hub_id' not in cfgs['gsop_resnet101.in1k']
 
 
 # ---- model cards ---------------------------------------------------------------------------------------
@@ -530,7 +538,7 @@ CLIENT = textwrap.dedent('''
         report['card_data'] = info.card_data.to_dict()
         report['siblings'] = sorted(s.rfilename for s in info.siblings)
     load('hf_hub', f'hf-hub:{repo}', pretrained=True)
-    load('default_cfg', 'gsop_resnet50', pretrained=True)
+    load('default_cfg', 'gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=repo))
     load('not_published', 'gsop2_resnet50', pretrained=True)
     if phase == 'online':
         load('adapted', f'hf-hub:{repo}', pretrained=True, num_classes=7)
@@ -598,14 +606,13 @@ def test_hub_round_trip(full_export, tmp_path):
         assert report['card_data']['library_name'] == 'timm' and report['card_data']['datasets'] == ['imagenet-1k']
         assert report['siblings'] == sorted(files)
 
-        # load: hf-hub:, the default cfg (HUB_NAMESPACE's repo), the adapted classifier
+        # load: hf-hub:, a cfg naming the repo (what a published tag's cfg does), the adapted classifier
         assert report['hf_hub'] == 'ok' and report['default_cfg'] == 'ok', report
         torch.testing.assert_close(tensors['hf_hub'], ref, **SAME)
         torch.testing.assert_close(tensors['default_cfg'], ref, **SAME)
         assert report['adapted'] == 'ok' and tensors['adapted'].shape == (1, 7)
-        assert report['not_published'].startswith('WeightsNotAvailableError: No published weights yet for '
-                                                  f'gsop2_resnet50.in1k at hf-hub {HUB_NAMESPACE}/gsop2_resnet50.in1k')
-        assert 'no such repository' in report['not_published']
+        assert report['not_published'].startswith(
+            'WeightsNotAvailableError: No published weights for gsop2_resnet50.in1k')
         snapshots = list((tmp_path / 'hf_home' / 'hub').glob('models--timm-gsop--gsop_resnet50.in1k/snapshots/*/*'))
         assert {p.name for p in snapshots} == {'config.json', 'model.safetensors'}
 
@@ -615,7 +622,8 @@ def test_hub_round_trip(full_export, tmp_path):
         assert len(hub_server.requests) == seen
         torch.testing.assert_close(tensors['hf_hub'], ref, **SAME)
         torch.testing.assert_close(tensors['default_cfg'], ref, **SAME)
-        assert 'could not be reached' in report['not_published']
+        assert report['not_published'].startswith(
+            'WeightsNotAvailableError: No published weights for gsop2_resnet50.in1k')
         assert not hub_server.unhandled, hub_server.unhandled
     assert not hub_server.running
 

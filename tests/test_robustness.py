@@ -230,7 +230,7 @@ def test_onnx_export_failure_leaves_previous_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_every_gsop_family_checks_its_input(name):
-    from timm_gsop.models._common import InputCheckMixin
+    from timm_gsop.models._mixins import InputCheckMixin
     model = timm.create_model(name, device='meta')  # rejected before any compute, so meta weights do
     if not isinstance(model, InputCheckMixin):
         assert name.startswith('cbamresnet')  # timm's own ResNet class, like seresnet50

@@ -5,4 +5,5 @@ works like any timm model.
 """
 from .version import __version__
 from .layers import *  # noqa: F401,F403
-from .models import GSoPResNet, checkpoint_filter_fn, CheckpointMismatchError  # noqa: F401 (registers models)
+from .models import (  # noqa: F401 (the import registers the models)
+    CheckpointMismatchError, GSoPResNet, WarmStartWarning, WeightsNotAvailableError, checkpoint_filter_fn)

@@ -60,12 +60,10 @@ def count_gflops(model: torch.nn.Module, input_size: Sequence[int]) -> float:
 
 
 def _pretrained_tags(name: str) -> str:
-    # every cfg names a Hub repo (timm.list_pretrained lists them all): published ones are in PUBLISHED
-    from .models._common import has_published_weights
-    tags = []
-    for full in timm.list_models(name, include_tags=True):
-        tag = full.split('.', 1)[1] if '.' in full else ''
-        tags.append(tag if has_published_weights(full) else f'{tag} (no weights yet)')
+    """The tags of ``name`` with published weights (what ``timm.list_models(pretrained=True)`` lists)."""
+    from .models._cfg import has_published_weights
+    tags = [full.split('.', 1)[1] for full in timm.list_models(name, include_tags=True)
+            if '.' in full and has_published_weights(full)]
     return ', '.join(tags) or '-'
 
 
@@ -134,7 +132,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f'No timm-gsop model matches {args.filter!r}', file=sys.stderr)
         return 1
-    print(format_table(('model', 'params', 'GFLOPs', 'input', 'pretrained tags'), rows))
+    print(format_table(('model', 'params', 'GFLOPs', 'input', 'weights'), rows))
     return 0
 
 

@@ -40,8 +40,8 @@ import yaml
 
 from . import __version__
 from .cli import count_gflops, count_params, list_gsop_models, parse_model_kwargs
-from .models import _common
-from .models._common import HUB_NAMESPACE, describe_load_error
+from .models._cfg import HUB_NAMESPACE, PUBLISHED
+from .models._checkpoint import detect_layout
 
 __all__ = [
     'UnsafeCheckpointError', 'CheckpointReadError', 'ExportFolderError', 'Checkpoint', 'ModelStats',
@@ -197,23 +197,6 @@ def _clean(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return clean_state_dict(dict(state_dict))
 
 
-_RELEASED_GSOP_KEYS = ('.conv_for_DR', '.row_conv_group', '.fc_adapt_channels', '.dilate_conv_for_concat')
-
-
-def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """'fast-mpn-cov' (fast-MPN-COV's main.py features / representation / classifier, or its MPNCOVResNet
-    class: layer_reduce without GSoP blocks), 'released-gsop' (the released GSoP-Net code) or 'timm'."""
-    keys = list(state_dict)
-    if any(k.startswith('features.') for k in keys) and any(k.startswith(('classifier.', 'representation.'))
-                                                             for k in keys):
-        return 'fast-mpn-cov'
-    if any(any(name in k for name in _RELEASED_GSOP_KEYS) for k in keys):
-        return 'released-gsop'
-    if any(k.startswith('layer_reduce') for k in keys):
-        return 'fast-mpn-cov'
-    return 'timm'
-
-
 def _family_filter(model_name: str) -> Optional[Callable]:
     """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` (None if it has none)."""
     arch = timm.models.split_model_name_tag(model_name)[0]
@@ -306,13 +289,7 @@ def _load_into(model: nn.Module, name: str, sd: Dict[str, torch.Tensor]) -> None
     filter_fn = _family_filter(name)
     if filter_fn is not None:
         sd = filter_fn(sd, model)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        mismatch = describe_load_error(e, name, getattr(model, 'pretrained_cfg', None) or {})
-        if mismatch is not None:
-            raise mismatch from e
-        raise
+    model.load_state_dict(sd, strict=True)  # the model's own check names model and keys
 
 
 def export_checkpoint(
@@ -758,7 +735,7 @@ def render_card(
                   'fast-mpn-cov': ', in the layout of the fast-MPN-COV code'}
         weights_text = (f'The weights were exported by `timm-gsop export` from `{weights.source}` '
                         f'({weights.description}{epoch}{ema}{layout.get(weights.layout, "")}) to safetensors.')
-    elif full_name in _common.PUBLISHED:
+    elif full_name in PUBLISHED:
         weights_text = f'The weights are published at `hf-hub:{repo_id}`.'
     elif cfg.get('url') or cfg.get('file'):
         weights_text = (f'`pretrained=True` loads the weights published by the original authors '

@@ -9,28 +9,34 @@ layer; every timm ``ResNet`` kwarg applies, including timm's default ``zero_init
 timm's CbamModule: channel attention (shared MLP, reduction 16, no bias, on average- and max-pooled
 features, summed, sigmoid) followed by spatial attention (channel mean and max, 7x7 conv + BN, sigmoid).
 """
-from typing import Any, Dict, Mapping
+from typing import Any, Dict
 
-import torch
 import torch.nn as nn
 
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-from . import gsop_resnet as _gsop_resnet
-from ._common import build_gsop_model, gsop_cfg, with_hub_ids
+from ._builder import build_gsop_model
+from ._cfg import gsop_cfg, with_hub_ids
+from ._checkpoint import CheckedLoadMixin
+from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
 
-__all__ = ['checkpoint_filter_fn']
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint (``state_dict`` / ``model`` entry, ``module.`` prefix) and check that it
-    fits the model (raises :class:`~timm_gsop.CheckpointMismatchError` naming mismatching keys)."""
-    return _gsop_resnet.checkpoint_filter_fn(state_dict, model)
+__all__ = ['CbamResNet', 'checkpoint_filter_fn']
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_gsop_model(ResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
+class CbamResNet(CheckedLoadMixin, ResNet):
+    """timm's ``ResNet``, unchanged, with this package's checked ``load_state_dict`` (mismatches name the model
+    and the keys)."""
+
+
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """Unwrap a training checkpoint (``state_dict`` / ``model`` entry, ``module.`` / ``_orig_mod.`` prefixes);
+    timm's ResNet names are this model's. Transforms only."""
+    return _convert_checkpoint(state_dict, model)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> CbamResNet:
+    return build_gsop_model(CbamResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -50,14 +56,14 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 
 
 @register_model
-def cbamresnet50(pretrained: bool = False, **kwargs) -> ResNet:
+def cbamresnet50(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-50 with timm's CbamModule in every bottleneck."""
     return _create('cbamresnet50', pretrained, **dict(dict(
         block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer='cbam')), **kwargs))
 
 
 @register_model
-def cbamresnet101(pretrained: bool = False, **kwargs) -> ResNet:
+def cbamresnet101(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-101 with timm's CbamModule in every bottleneck."""
     return _create('cbamresnet101', pretrained, **dict(dict(
         block=Bottleneck, layers=(3, 4, 23, 3), block_args=dict(attn_layer='cbam')), **kwargs))

@@ -31,33 +31,29 @@ for its own placement:
 SE-ResNet is timm's own ``seresnet50``; the CBAM and iSQRT-COV baselines are ``cbamresnet*`` and
 ``isqrt_resnet*`` in this package.
 """
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from . import gsop_resnet as _gsop_resnet
 from ._blocks import GSoPBottleneck, set_fused
-from ._common import InputCheckMixin, apply_bn_overrides, build_gsop_model, check_choice, gsop_cfg, init_like_resnet, \
-    with_hub_ids
+from ._builder import build_gsop_model
+from ._cfg import gsop_cfg, with_hub_ids
+from ._checkpoint import CheckedLoadMixin
+from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
+from ._mixins import InputCheckMixin, apply_bn_overrides, check_choice, init_like_resnet
+from .gsop_resnet import block_out_channels
 
-__all__ = ['GSoPAttnResNet', 'GSOP_PLACEMENTS', 'checkpoint_filter_fn', 'block_out_channels']
+__all__ = ['GSoPAttnResNet', 'GSOP_PLACEMENTS', 'checkpoint_filter_fn']
 
 # 'all': every residual block (SE-ResNet style); 'last': only the last block of each stage (GSoP-Net)
 GSOP_PLACEMENTS = ('all', 'last')
 
 
-def block_out_channels(block: nn.Module) -> int:
-    """Output channels of a timm ResNet block (what its attention layer sees)."""
-    last_bn = block.bn3 if hasattr(block, 'bn3') else block.bn2
-    return last_bn.num_features
-
-
-class GSoPAttnResNet(InputCheckMixin, ResNet):
+class GSoPAttnResNet(CheckedLoadMixin, InputCheckMixin, ResNet):
     """timm ``ResNet`` (any block, stem or ResNeXt width) with a GSoP module in its residual blocks.
 
     Every timm ``ResNet`` argument is accepted (``stem_type``, ``avg_down``, ``cardinality``, ``drop_rate``,
@@ -122,11 +118,10 @@ class GSoPAttnResNet(InputCheckMixin, ResNet):
         set_fused(self, gsop_fused)
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint (``state_dict`` / ``model`` entry, DataParallel ``module.`` prefix), map
-    the released GSoP code's layer names if present, and check that it fits the model (raises
-    :class:`~timm_gsop.CheckpointMismatchError` naming the first mismatching keys)."""
-    return _gsop_resnet.checkpoint_filter_fn(state_dict, model)
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """Convert a checkpoint (this package's, timm's / torchvision's ResNet names, the released GSoP code's) to
+    this model's names. Transforms only; ``pretrained_strict`` decides about missing tensors."""
+    return _convert_checkpoint(state_dict, model)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> GSoPAttnResNet:

@@ -16,30 +16,31 @@ The backbone is timm's own ``ResNet``/``Bottleneck``; the GSoP module sits in th
 slot (``block.se``), which is applied to the ``bn3`` output before the residual add, exactly where the
 released code applies it.
 """
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
 from timm.models import generate_default_cfgs, register_model
-from timm.models.resnet import Bottleneck, ResNet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..layers.cov_pool import ISqrtCovPool
-from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
+from ..layers.gsop import GSOP_MANNERS, create_gsop
 from ._blocks import GSoPBottleneck, set_fused
-from ._common import POOL_TYPES, CheckpointMismatchError, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, \
-    build_gsop_model, check_choice, check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
+from ._builder import build_gsop_model
+from ._cfg import gsop_cfg, with_hub_ids
+from ._checkpoint import CheckedLoadMixin, CheckpointMismatchError
+from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
+from ._mixins import POOL_TYPES, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, check_choice, \
+    check_pool_type, init_like_resnet
 
-__all__ = ['GSoPResNet', 'checkpoint_filter_fn', 'CheckpointMismatchError', 'POOL_TYPES']
-
-_GSoPModule = (ChannelGSoP, PositionGSoP, GSoPFusion)
+__all__ = ['GSoPResNet', 'checkpoint_filter_fn', 'CheckpointMismatchError', 'POOL_TYPES', 'block_out_channels']
 
 
-class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
+class GSoPResNet(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, ResNet):
     """timm ``ResNet`` with GSoP blocks, a stride-1 last stage and an optional iSQRT-COV head.
 
-    Every timm ``ResNet`` argument is accepted (``drop_rate``, ``drop_path_rate``, ``drop_block_rate``,
-    ``in_chans``, ``block_args`` ...). GSoP-specific arguments:
+    Every timm ``ResNet`` argument is accepted (``block``, ``layers``, ``drop_rate``, ``drop_path_rate``,
+    ``drop_block_rate``, ``in_chans``, ``block_args`` ...). With timm's ``BasicBlock`` the GSoP module reads the
+    block's last BN (``bn2``), as it reads ``bn3`` in a bottleneck. GSoP-specific arguments:
 
     Args:
         gsop_manner: GSoP block type, the released code's names: 'channel' (default), 'position',
@@ -111,7 +112,7 @@ class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
                 continue
             last_block = stage[-1]
             gsop = create_gsop(
-                last_block.bn3.num_features,
+                block_out_channels(last_block),
                 manner=gsop_manner,
                 dim=gsop_dim,
                 # released code: stride 2 in the first stage, so its covariance is taken at 28x28
@@ -127,10 +128,21 @@ class GSoPResNet(InputCheckMixin, SecondOrderHeadMixin, ResNet):
         set_fused(self, gsop_fused)
 
 
+def block_out_channels(block: nn.Module) -> int:
+    """Output channels of a timm ResNet block (what its attention slot ``se`` sees: bn3's or, in a
+    ``BasicBlock``, bn2's output)."""
+    if isinstance(block, Bottleneck):
+        return block.bn3.num_features
+    if isinstance(block, BasicBlock):
+        return block.bn2.num_features
+    raise ValueError(f'GSoP blocks need timm Bottleneck or BasicBlock blocks, got {type(block).__name__}')
+
+
 def _remove_stage_stride(stage: nn.Sequential) -> None:
     """Make a timm ResNet stage stride 1 without dilation (released GSoP / iSQRT-COV layer4)."""
     first = stage[0]
-    first.conv2.stride = (1, 1)
+    strided = first.conv1 if isinstance(first, BasicBlock) else first.conv2
+    strided.stride = (1, 1)
     first.stride = 1
     if isinstance(first.aa, nn.Module) and not isinstance(first.aa, nn.Identity):
         first.aa = nn.Identity()
@@ -143,111 +155,11 @@ def _remove_stage_stride(stage: nn.Sequential) -> None:
                 m.stride = (1, 1)
 
 
-# ---- checkpoints of the released code ------------------------------------------------------------------
-
-# released Bottleneck attribute -> (branch, our name inside the GSoP module); branch None = fusion itself
-_OFFICIAL_BLOCK_KEYS = {
-    'conv_for_DR': ('channel', 'conv_reduce'),
-    'bn_for_DR': ('channel', 'bn_reduce'),
-    'row_bn': ('channel', 'gate.bn_row'),
-    'row_conv_group': ('channel', 'gate.conv_row'),
-    'fc_adapt_channels': ('channel', 'gate.conv_expand'),
-    'conv_for_DR_spatial': ('position', 'conv_reduce'),
-    'bn_for_DR_spatial': ('position', 'bn_reduce'),
-    'row_bn_for_spatial': ('position', 'gate.bn_row'),
-    'row_conv_group_for_spatial': ('position', 'gate.conv_row'),
-    'fc_adapt_channels_for_spatial': ('position', 'gate.conv_expand'),
-    'dilate_conv_for_concat1': (None, 'concat_channel'),
-    'dilate_conv_for_concat2': (None, 'concat_position'),
-    'bn_for_concat': (None, 'concat_bn'),
-}
-_OFFICIAL_HEAD_KEYS = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'global_pool.bn_reduce'}
-
-
-def _unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    for key in ('state_dict', 'model'):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            checkpoint = checkpoint[key]
-            break
-    out = {}
-    for k, v in checkpoint.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        out[k[len('module.'):] if k.startswith('module.') else k] = v
-    return out
-
-
-def _map_official_key(key: str, model: nn.Module) -> str:
-    parts = key.split('.')
-    if parts[0] in _OFFICIAL_HEAD_KEYS:
-        return '.'.join([_OFFICIAL_HEAD_KEYS[parts[0]]] + parts[1:])
-    # layerX.Y.<attr>.<param>
-    if len(parts) >= 4 and parts[0].startswith('layer') and parts[2] in _OFFICIAL_BLOCK_KEYS:
-        branch, name = _OFFICIAL_BLOCK_KEYS[parts[2]]
-        block = _get_submodule(model, '.'.join(parts[:2]))
-        gsop = getattr(block, 'se', None) if block is not None else None
-        prefix = f'{branch}.' if branch is not None and (isinstance(gsop, GSoPFusion) or gsop is None) else ''
-        return '.'.join(parts[:2] + ['se', prefix + name] + parts[3:])
-    return key
-
-
-def _get_submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _describe(model: nn.Module) -> str:
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    name = cfg.get('architecture') or type(model).__name__
-    manner = getattr(model, 'gsop_manner', None)
-    return f'{name} (gsop_manner={manner!r})' if manner else name
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map a checkpoint onto a GSoPResNet and check that it fits.
-
-    Accepts our own (timm) layout and the released code's (``main.py``'s ``model_best.pth.tar`` dict or a
-    bare state dict, with or without the DataParallel ``module.`` prefix). Raises
-    :class:`CheckpointMismatchError` naming the model and the first mismatching keys when the checkpoint
-    is for another architecture or GSoP manner, or is missing tensors.
-    """
-    state_dict = _unwrap_state_dict(state_dict)
-    official = any(k.split('.')[0] in _OFFICIAL_HEAD_KEYS or any(
-        f'.{name}.' in k for name in _OFFICIAL_BLOCK_KEYS) for k in state_dict)
-    if official:
-        state_dict = {_map_official_key(k, model): v for k, v in state_dict.items()}
-
-    model_sd = model.state_dict()
-    if not isinstance(getattr(model, 'global_pool', None), ISqrtCovPool):
-        # the model was built without the covariance head (e.g. global_pool=''): its weights are not needed
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('global_pool.')}
-    # releases older than PyTorch 0.4.1 have no num_batches_tracked buffers
-    for k, v in model_sd.items():
-        if k.endswith('num_batches_tracked') and k not in state_dict:
-            state_dict[k] = torch.zeros_like(v, device='cpu')
-
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    adaptable = set()  # timm's loader adapts these (in_chans) or drops them (num_classes)
-    for name in (cfg.get('first_conv') or 'conv1', cfg.get('classifier') or 'fc'):
-        for n in ([name] if isinstance(name, str) else name):
-            adaptable.update({f'{n}.weight', f'{n}.bias'})
-    missing = [k for k in model_sd if k not in state_dict and k not in adaptable]
-    unexpected = [k for k in state_dict if k not in model_sd and k not in adaptable]
-    wrong_shape = [
-        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
-        for k, v in model_sd.items()
-        if k in state_dict and k not in adaptable and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        lines = [f'Checkpoint does not fit {_describe(model)}'
-                 f'{" (released-code layout)" if official else ""}:']
-        for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape)):
-            if keys:
-                more = f' ... and {len(keys) - 5} more' if len(keys) > 5 else ''
-                lines.append(f'  {len(keys)} {label}: {", ".join(keys[:5])}{more}')
-        raise CheckpointMismatchError('\n'.join(lines))
-    return state_dict
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """Convert a checkpoint to this model's names: this package's / timm's / torchvision's layout, the released
+    GSoP-Net code's (``main.py``'s ``model_best.pth.tar`` or a bare state dict) or fast-MPN-COV's (classifier
+    columns reordered). Transforms only; ``pretrained_strict`` decides about missing tensors (``_checkpoint``)."""
+    return _convert_checkpoint(state_dict, model)
 
 
 # ---- builders and registrations ------------------------------------------------------------------------

@@ -22,20 +22,20 @@ float rounding):
 fast-MPN-COV vectorises the *upper* triangle row by row, this package (as the GSoP release) the lower
 triangle row by row: the same values in another order, so the classifier's input columns are permuted.
 """
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Tuple
 
-import torch
 import torch.nn as nn
 
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck
 
-from ..layers.second_order import triu_indices_flat
-from . import gsop_resnet as _gsop_resnet
 from .gsop_resnet import GSoPResNet
-from ._common import build_gsop_model, gsop_cfg, with_hub_ids
+from ._builder import build_gsop_model
+from ._cfg import gsop_cfg, with_hub_ids
+from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
+from ._checkpoint import fast_mpncov_to_triu_order
 
-__all__ = ['ISqrtResNet', 'checkpoint_filter_fn', 'fast_mpncov_to_triu_order']
+__all__ = ['ISqrtResNet', 'checkpoint_filter_fn', 'fast_mpncov_to_triu_order']  # the last from _checkpoint
 
 _GSOP_ONLY_KWARGS = ('gsop_manner', 'gsop_dim', 'gsop_stages', 'gsop_pool_size', 'gsop_fused')
 
@@ -71,73 +71,10 @@ class ISqrtResNet(GSoPResNet):
         self.gsop_manner = ''  # no GSoP blocks (keeps the attribute's type for TorchScript)
 
 
-# ---- fast-MPN-COV checkpoints ----------------------------------------------------------------------------
-
-# children of fast-MPN-COV's MPNCOVResNet, in order: main.py's `features` is nn.Sequential(*children[:-k])
-_FEATURE_CHILDREN: List[Optional[str]] = [
-    'conv1', 'bn1', None, None, 'layer1', 'layer2', 'layer3', 'layer4', 'layer_reduce', 'layer_reduce_bn']
-_REPRESENTATION_KEYS = {'conv_dr_block.0': 'layer_reduce', 'conv_dr_block.1': 'layer_reduce_bn'}
-
-
-def fast_mpncov_to_triu_order(dim: int) -> torch.Tensor:
-    """Index ``p`` such that ``ours = theirs[..., p]`` for a ``dim x dim`` symmetric matrix's triangle.
-
-    fast-MPN-COV: upper triangle row by row (``ones(d, d).triu()`` nonzeros). Ours
-    (:func:`~timm_gsop.triu_vectorize`): lower triangle row by row, i.e. entry ``(i, j)``, ``j <= i`` at our
-    position ``k`` is entry ``(j, i)`` of the upper triangle.
-    """
-    upper = torch.triu_indices(dim, dim)
-    position = torch.full((dim * dim,), -1, dtype=torch.long)
-    position[upper[0] * dim + upper[1]] = torch.arange(upper.shape[1])
-    ours = triu_indices_flat(dim)
-    rows, cols = ours // dim, ours % dim
-    return position[cols * dim + rows]
-
-
-def _to_mpncovresnet_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """fast-MPN-COV main.py layout (features / representation / classifier) -> MPNCOVResNet keys."""
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split('.')
-        if parts[0] == 'features':
-            parts = parts[1:]
-            if parts and parts[0] == 'module':  # DataParallel around `features`
-                parts = parts[1:]
-            idx = int(parts[0]) if parts and parts[0].isdigit() else -1
-            name = _FEATURE_CHILDREN[idx] if 0 <= idx < len(_FEATURE_CHILDREN) else None
-            out['.'.join([name] + parts[1:]) if name else key] = value
-        elif parts[0] == 'representation':
-            head = '.'.join(parts[1:3])
-            out['.'.join([_REPRESENTATION_KEYS[head]] + parts[3:]) if head in _REPRESENTATION_KEYS else key] = value
-        elif parts[0] == 'classifier':
-            out['.'.join(['fc'] + parts[1:])] = value
-        else:
-            out[key] = value
-    return out
-
-
-def _is_fast_mpncov_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.split('.')[0] in ('layer_reduce', 'layer_reduce_bn', 'features', 'representation', 'classifier')
-               for k in state_dict)
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map a fast-MPN-COV checkpoint (published weights or a ``main.py`` checkpoint, see the module doc) or
-    one of ours onto an :class:`ISqrtResNet`, and check that it fits.
-
-    Raises :class:`~timm_gsop.CheckpointMismatchError` naming the model and the first mismatching keys.
-    """
-    state_dict = _gsop_resnet._unwrap_state_dict(state_dict)
-    if _is_fast_mpncov_layout(state_dict):
-        state_dict = _to_mpncovresnet_keys(state_dict)
-        reduce_w = state_dict.get('layer_reduce.weight')
-        fc_w = state_dict.get('fc.weight')
-        if reduce_w is not None and fc_w is not None and fc_w.dim() == 2:
-            dim = reduce_w.shape[0]
-            if fc_w.shape[1] == dim * (dim + 1) // 2:
-                state_dict['fc.weight'] = fc_w[:, fast_mpncov_to_triu_order(dim).to(fc_w.device)].contiguous()
-    # layer_reduce -> global_pool.conv_reduce etc., missing num_batches_tracked, the fit check
-    return _gsop_resnet.checkpoint_filter_fn(state_dict, model)
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """Convert a fast-MPN-COV checkpoint (published weights or a ``main.py`` checkpoint, see the module doc;
+    classifier columns reordered) or one of this package's to this model's names. Transforms only."""
+    return _convert_checkpoint(state_dict, model)
 
 
 # ---- builders and registrations --------------------------------------------------------------------------
@@ -156,12 +93,19 @@ def _cfg(**kwargs) -> Dict[str, Any]:
         **kwargs)
 
 
+_DOWNLOAD_NOTE = (
+    'The authors link the file from https://github.com/jiangtaoxie/fast-MPN-COV (Google Drive / Baidu) when this '
+    'url is unreachable: download it by hand and pass pretrained_cfg_overlay=dict(file=PATH), or convert it to '
+    'a Hub folder with `timm-gsop export PATH --model {model} --out DIR`.')
+
 default_cfgs = generate_default_cfgs(with_hub_ids({
     # the authors' published ImageNet weights, converted on load by checkpoint_filter_fn (no Hub copy)
     'isqrt_resnet50.mpncov_in1k': _cfg(
-        url='http://jtxie.com/models/mpncovresnet50-15991845.pth', hf_hub_id=None),
+        url='http://jtxie.com/models/mpncovresnet50-15991845.pth',
+        notes=(_DOWNLOAD_NOTE.format(model='isqrt_resnet50'),)),
     'isqrt_resnet101.mpncov_in1k': _cfg(
-        url='http://jtxie.com/models/mpncovresnet101-ade9737a.pth', hf_hub_id=None),
+        url='http://jtxie.com/models/mpncovresnet101-ade9737a.pth',
+        notes=(_DOWNLOAD_NOTE.format(model='isqrt_resnet101'),)),
 }))
 
 

@@ -25,7 +25,7 @@ The released code has no CIFAR network; where the paper is silent these models c
   GSoP-Net2 on ImageNet.
 * the projection shortcut reads the pre-activated input (He et al.'s and timm's ResNetV2 convention).
 """
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,9 +37,12 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from . import gsop_resnet as _gsop_resnet
-from ._common import InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, build_gsop_model, check_choice, \
-    check_pool_type, gsop_cfg, init_like_resnet, with_hub_ids
+from ._builder import build_gsop_model
+from ._cfg import gsop_cfg, with_hub_ids
+from ._checkpoint import CheckedLoadMixin
+from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
+from ._mixins import InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, check_choice, check_pool_type, \
+    init_like_resnet
 from .gsop_attn_resnet import GSOP_PLACEMENTS
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'checkpoint_filter_fn', 'CIFAR100_MEAN', 'CIFAR100_STD']
@@ -51,6 +54,7 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 class PreActBottleneckCifar(nn.Module):
     """Pre-activation bottleneck; ``se`` (an attention module, e.g. GSoP) acts on the conv3 output."""
     expansion = 4
+    gsop_input = 'conv3'  # the module whose output ``se`` scales (a warm start doubles it)
 
     def __init__(
             self,
@@ -95,7 +99,7 @@ class PreActBottleneckCifar(nn.Module):
         return self.drop_path(x) + shortcut
 
 
-class PreResNetCifar(InputCheckMixin, SecondOrderHeadMixin, nn.Module):
+class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn.Module):
     """Pre-activation bottleneck ResNet for 32x32 inputs, with optional GSoP blocks and iSQRT-COV head.
 
     Args:
@@ -286,10 +290,10 @@ class PreResNetCifar(InputCheckMixin, SecondOrderHeadMixin, nn.Module):
 
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint (``state_dict`` / ``model`` entry, ``module.`` prefix) and check that it
-    fits the model (raises :class:`~timm_gsop.CheckpointMismatchError` naming mismatching keys)."""
-    return _gsop_resnet.checkpoint_filter_fn(state_dict, model)
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """Unwrap a training checkpoint (``state_dict`` / ``model`` entry, ``module.`` / ``_orig_mod.`` prefixes)
+    and name its tensors as this model's. Transforms only; ``pretrained_strict`` decides about missing ones."""
+    return _convert_checkpoint(state_dict, model)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> PreResNetCifar:

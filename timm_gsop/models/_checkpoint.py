@@ -13,7 +13,7 @@
 import contextlib
 import contextvars
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -210,19 +210,19 @@ _GSOP_MODULES = (ChannelGSoP, PositionGSoP, GSoPFusion)
 class _LoadRequest:
     strict: bool
     source: str
-    cfg: Dict[str, Any] = field(default_factory=dict)
+    may_miss: Tuple[str, ...] = ()
 
 
 _REQUEST: contextvars.ContextVar = contextvars.ContextVar('timm_gsop_load_request', default=None)
 
 
 @contextlib.contextmanager
-def load_request(strict: bool, source: str, cfg: Optional[Dict[str, Any]] = None) -> Iterator[None]:
-    """While a model is built with ``pretrained=True``: the caller's ``pretrained_strict`` and a description of
-    the weights. timm's loader relaxes strictness by itself when it re-initialises the classifier (another
-    ``num_classes``); :meth:`CheckedLoadMixin.load_state_dict` then still applies the caller's choice to every
-    other tensor."""
-    token = _REQUEST.set(_LoadRequest(strict, source, dict(cfg or {})))
+def load_request(strict: bool, source: str, may_miss: Sequence[str] = ()) -> Iterator[None]:
+    """While a model is built with ``pretrained=True``: the caller's ``pretrained_strict``, a description of the
+    weights, and the keys timm's loader drops itself (the classifier's for another ``num_classes`` or
+    ``features_only``, the stem's when it cannot adapt ``in_chans``). timm relaxes strictness for the whole load
+    then; :meth:`CheckedLoadMixin.load_state_dict` still applies the caller's choice to every other tensor."""
+    token = _REQUEST.set(_LoadRequest(strict, source, tuple(may_miss)))
     try:
         yield
     finally:
@@ -355,11 +355,7 @@ class CheckedLoadMixin:
         allowed: Tuple[str, ...] = ()
         source = 'the state dict'
         if request is not None:
-            strict, source = request.strict, request.source
-            if getattr(self, 'num_classes', None) != request.cfg.get('num_classes', getattr(self, 'num_classes', None)):
-                allowed += _classifier_keys(self)
-            if getattr(self, 'in_chans', None) != (request.cfg.get('input_size') or (getattr(self, 'in_chans', 3),))[0]:
-                allowed += _stem_keys(self)
+            strict, source, allowed = request.strict, request.source, request.may_miss
         own = self.state_dict()
         wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
                  if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]

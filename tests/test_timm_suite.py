@@ -1,0 +1,61 @@
+"""timm's own ``tests/test_models.py``, from the sdist of the installed timm, on every model this package registers.
+
+``python tests/get_timm_tests.py`` fetches it (README: Install; ``.ci/run`` does it); ``timm_suite_plugin.py``
+narrows timm's model lists to this package's models. The default run takes timm's forward / backward / config
+/ features / intermediates / pretrained-loading tests; its TorchScript, fx and prune-contract tests take several
+minutes for the 17 full-size models and run with ``-m slow``.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from get_timm_tests import tests_dir
+
+HERE = Path(__file__).resolve().parent
+SLOW_TESTS = ('test_model_forward_torchscript', 'test_model_forward_fx', 'test_model_backward_fx',
+              'test_model_forward_fx_torchscript', 'test_prune_intermediate_layers_contract')
+
+
+def _run_timm_tests(*selection: str) -> subprocess.CompletedProcess:
+    folder = tests_dir()
+    if not (folder / 'test_models.py').is_file():
+        pytest.fail(f'timm\'s test suite is not at {folder}: fetch it with `python tests/get_timm_tests.py` '
+                    '(README: Install)', pytrace=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')]))
+    env.pop('GITHUB_ACTIONS', None)  # timm narrows its own suite on GitHub runners; run it whole
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'timm_suite_plugin',
+           '-W', 'ignore::FutureWarning', 'tests/test_models.py', *selection]
+    return subprocess.run(cmd, cwd=folder.parent, env=env, capture_output=True, text=True, timeout=3000)
+
+
+def _summary(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def test_timm_test_models_fast_part_passes_on_every_registered_model():
+    proc = _run_timm_tests('-k', ' and '.join(f'not {name}' for name in SLOW_TESTS))
+    assert proc.returncode == 0, _summary(proc)
+    assert ' passed' in proc.stdout and ' failed' not in proc.stdout and ' error' not in proc.stdout, _summary(proc)
+
+
+@pytest.mark.slow
+def test_timm_test_models_torchscript_fx_and_prune_pass_on_every_registered_model():
+    proc = _run_timm_tests('-k', ' or '.join(SLOW_TESTS))
+    assert proc.returncode == 0, _summary(proc)
+    assert ' passed' in proc.stdout and ' failed' not in proc.stdout, _summary(proc)
+
+
+def test_the_plugin_selects_exactly_this_packages_models():
+    """The suite really runs on our models (and only on them): collect it and look at the model names."""
+    proc = _run_timm_tests('--collect-only')
+    assert proc.returncode == 0, _summary(proc)
+    from timm_gsop.cli import list_gsop_models
+    ours = set(list_gsop_models())
+    collected = [line for line in proc.stdout.splitlines() if '::test_' in line]
+    names = {line.split('[', 1)[1].rstrip(']').split('-')[-1].split('.')[0] for line in collected if '[' in line}
+    assert names == ours
+    for test in ('test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_features'):
+        assert sum(f'::{test}[' in line for line in collected) >= len(ours), test

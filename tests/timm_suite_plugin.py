@@ -1,0 +1,88 @@
+"""pytest plugin (``-p timm_suite_plugin``) that runs timm's own ``tests/test_models.py`` on this package's models.
+
+It imports ``timm_gsop`` (registering the models) before timm's test module is collected, and narrows timm's
+``list_models`` / ``list_pretrained`` to the models this package registers, so every per-model test of timm's
+suite is parametrised with exactly these. A ``module=`` filter (timm's list of model files whose tests include
+``forward_intermediates``) is treated as naming this package's files too: those tests run on these models as
+well. Tests of timm's own named models (``resnet18``, ``test_resnet`` ...) are deselected.
+
+``test_model_load_pretrained`` / ``test_model_features_pretrained`` need the weights of every tag that has some:
+the iSQRT-COV tags' files (fast-MPN-COV layout, random values) are written into a temporary ``TORCH_HOME``
+before collection, so timm's url loader finds them in its cache and no download happens.
+"""
+import os
+import shutil
+import tempfile
+
+import timm
+import timm.models
+
+import timm_gsop  # noqa: F401 (registers the models)
+from timm_gsop.cli import list_gsop_models
+
+OURS = set(list_gsop_models())
+_list_models = timm.list_models
+
+
+def _ours_only(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False,
+               include_tags=None):
+    names = _list_models(filter=filter, pretrained=pretrained, exclude_filters=exclude_filters,
+                         name_matches_cfg=name_matches_cfg, include_tags=include_tags)
+    return [n for n in names if n.split('.')[0] in OURS]
+
+
+def _pretrained_only(filter='', exclude_filters=''):
+    return _ours_only(filter=filter, pretrained=True, exclude_filters=exclude_filters, include_tags=True)
+
+
+def _write_url_weights(torch_home: str) -> None:
+    """The files behind the url cfgs (the authors' iSQRT-COV weights), in fast-MPN-COV's own layout."""
+    import torch
+    from timm_gsop.models._checkpoint import fast_mpncov_to_triu_order
+    folder = os.path.join(torch_home, 'hub', 'checkpoints')
+    os.makedirs(folder, exist_ok=True)
+    for full in _pretrained_only():
+        cfg = timm.models.get_pretrained_cfg(full)
+        if not cfg.url:
+            continue
+        path = os.path.join(folder, os.path.basename(cfg.url))
+        model = timm.create_model(full.split('.')[0])
+        sd = {}
+        for k, v in model.state_dict().items():
+            k = k.replace('global_pool.conv_reduce', 'layer_reduce').replace('global_pool.bn_reduce', 'layer_reduce_bn')
+            sd[k] = v
+        dim = model.global_pool.dim
+        order = fast_mpncov_to_triu_order(dim)
+        theirs = torch.empty_like(sd['fc.weight'])
+        theirs[:, order] = sd['fc.weight']  # ours = theirs[:, order]
+        sd['fc.weight'] = theirs
+        torch.save(sd, path)
+
+
+_TORCH_HOME = []
+
+
+def pytest_configure(config):
+    timm.list_models = timm.models.list_models = _ours_only
+    timm.list_pretrained = timm.models.list_pretrained = _pretrained_only
+    if config.option.collectonly:
+        return
+    home = tempfile.mkdtemp(prefix='timm-suite-torch-home-')
+    _TORCH_HOME.append(home)
+    os.environ['TORCH_HOME'] = home
+    _write_url_weights(home)
+
+
+def pytest_unconfigure(config):
+    for home in _TORCH_HOME:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, 'callspec', None), 'params', {})
+        name = str(params.get('model_name', '')).split('.')[0]
+        (keep if name in OURS else drop).append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)

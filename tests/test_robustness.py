@@ -8,10 +8,13 @@ import torch.nn as nn
 import timm
 
 import timm_gsop  # noqa: F401
+from conftest import distinct_tiny_models, tiny_kwargs
 from timm_gsop import CovarianceGate, ISqrtCovPool
 from timm_gsop.cli import list_gsop_models
+from timm_gsop.layers import second_order
 
-MODELS = list_gsop_models()
+# every registered model, at test size (tiny_kwargs: the same structure), once per distinct network
+MODELS = distinct_tiny_models(list_gsop_models())
 IMAGES = {
     'zeros': lambda shape, g: torch.zeros(shape),
     'constant': lambda shape, g: torch.full(shape, 0.37),
@@ -23,7 +26,7 @@ IMAGES = {
 @functools.lru_cache(maxsize=None)
 def _model(name, **kwargs):
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=10, **kwargs)
+    return timm.create_model(name, **dict(tiny_kwargs(name), **kwargs))
 
 
 def _min_size(model):
@@ -88,7 +91,7 @@ def test_second_order_stays_float32_under_bf16_autocast(name):
     assert out.dtype == torch.bfloat16  # what autocast users expect from the classifier
     if isinstance(model.global_pool, ISqrtCovPool):
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            feats = model.global_pool.bn_reduce(model.global_pool.conv_reduce(torch.randn(1, 2048, 4, 4)))
+            feats = model.global_pool.bn_reduce(model.global_pool.conv_reduce(torch.randn(1, model.num_features, 4, 4)))
         assert feats.dtype == torch.bfloat16  # the reduction conv runs in bf16, the covariance does not
 
 
@@ -98,7 +101,7 @@ def test_input_sizes(name, hw):
     model = _model(name).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, *hw))
-    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize('in_chans', [1, 4])
@@ -195,6 +198,35 @@ def test_onnx_export_matches_onnxruntime(name, tmp_path):
     assert max(errors.values()) < 1e-4, errors
     ops = _onnx_op_types(path)
     assert 'Conv' in ops and 'MatMul' in ops
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript_exporter_onnx_of_every_model(name, tmp_path, monkeypatch):
+    """timm's onnx_export (the TorchScript exporter, dynamo=False, as its onnx_export.py uses by default) on
+    every model: no aten::tril_indices (the triangle index is a traced constant), outputs as onnxruntime runs."""
+    pytest.importorskip('onnxruntime', reason='install the test extra: pip install -e .[test]')
+    import onnxruntime as ort
+    from timm.utils.onnx import onnx_export
+    monkeypatch.setattr(second_order, '_TRIU_INDEX_CACHE', {})  # nothing cached before the trace
+    model = _model(name).eval()
+    size = _min_size(model) * 2
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    onnx_export(model, str(tmp_path / 'model.onnx'), example_input=x, opset=17, check_forward=False)
+    session = ort.InferenceSession(str(tmp_path / 'model.onnx'), providers=['CPUExecutionProvider'])
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = model(x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_onnx_cli_torchscript_exporter(tmp_path, capsys):
+    pytest.importorskip('onnxruntime', reason='install the test extra: pip install -e .[test]')
+    from timm_gsop.cli import main
+    out = tmp_path / 'g.onnx'
+    assert main(['onnx', 'gsop2_resnet50', str(out), '--img-size', '64', '64', '--num-classes', '5',
+                 '--exporter', 'torchscript', '--model-kwargs', 'layers=(1,1,1,1)', 'channels=(16,32,64,128)']) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and 'batch 3: max relative error' in text
 
 
 def _onnx_op_types(path):

@@ -1,9 +1,10 @@
 """ONNX export of timm-gsop models (``timm-gsop onnx MODEL OUT.onnx``).
 
-Uses torch's dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``, needs ``onnx`` and
-``onnxscript``) with a dynamic batch dimension, then, when onnxruntime is installed, runs the exported
-graph on a random batch and compares it with PyTorch. The file is written to a temporary name and renamed,
-so an interrupted export never leaves a partial ``.onnx`` where a good one was.
+Either exporter of torch, with a dynamic batch dimension: the dynamo-based one (``dynamo=True``, the default;
+needs ``onnx`` and ``onnxscript``) or the TorchScript one (``dynamo=False``, what timm's ``onnx_export.py``
+uses by default). Then, when onnxruntime is installed, the exported graph runs on random batches and is
+compared with PyTorch. The file is written to a temporary name and renamed, so an interrupted export never
+leaves a partial ``.onnx`` where a good one was.
 """
 import argparse
 import os
@@ -25,9 +26,14 @@ def export_onnx(
         input_size: Sequence[int] = (3, 224, 224),
         opset: int = 18,
         dynamic_batch: bool = True,
+        exporter: str = 'dynamo',
 ) -> Path:
-    """Export ``model`` (put in eval mode) to ``path`` with input ``x`` (B, C, H, W) and output ``logits``."""
-    if opset < 17:
+    """Export ``model`` (put in eval mode) to ``path`` with input ``x`` (B, C, H, W) and output ``logits``.
+
+    ``exporter``: ``'dynamo'`` (opset >= 17) or ``'torchscript'`` (torch's TorchScript-based exporter)."""
+    if exporter not in ('dynamo', 'torchscript'):
+        raise ValueError(f"Unknown ONNX exporter {exporter!r}; valid choices: dynamo, torchscript")
+    if exporter == 'dynamo' and opset < 17:
         raise ValueError(f'opset must be >= 17 (dynamo exporter), got {opset}')
     path = Path(path)
     model = model.eval()
@@ -37,10 +43,15 @@ def export_onnx(
     os.close(fd)
     try:
         with torch.no_grad():
-            program = torch.onnx.export(
-                model, (example,), input_names=['x'], output_names=['logits'], opset_version=opset,
-                dynamo=True, dynamic_shapes=dynamic_shapes, external_data=False)
-        program.save(tmp)
+            if exporter == 'dynamo':
+                program = torch.onnx.export(
+                    model, (example,), input_names=['x'], output_names=['logits'], opset_version=opset,
+                    dynamo=True, dynamic_shapes=dynamic_shapes, external_data=False)
+                program.save(tmp)
+            else:
+                torch.onnx.export(
+                    model, (example,), tmp, input_names=['x'], output_names=['logits'], opset_version=opset,
+                    dynamo=False, dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}} if dynamic_batch else None)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -80,7 +91,8 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     channels = model.pretrained_cfg['input_size'][0] if 'in_chans' not in kwargs else kwargs['in_chans']
     size = tuple(args.img_size) if args.img_size else tuple(model.pretrained_cfg['input_size'][1:])
     input_size: Tuple[int, ...] = (channels, *size)
-    path = export_onnx(model, args.output, input_size, opset=args.opset, dynamic_batch=not args.static_batch)
+    path = export_onnx(model, args.output, input_size, opset=args.opset, dynamic_batch=not args.static_batch,
+                       exporter=args.exporter)
     print(f'wrote {path} ({path.stat().st_size / 1e6:.1f} MB), input x: (batch, {", ".join(map(str, input_size))})')
     if args.no_check:
         return 0
@@ -105,6 +117,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--num-classes', type=int)
     p.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'))
     p.add_argument('--opset', type=int, default=18)
+    p.add_argument('--exporter', choices=['dynamo', 'torchscript'], default='dynamo',
+                   help="torch's ONNX exporter: 'dynamo' (needs onnxscript) or 'torchscript' (timm onnx_export.py's default)")
     p.add_argument('--static-batch', action='store_true', help='fix the batch size to 2')
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
     p.add_argument('--no-check', action='store_true', help='skip the onnxruntime comparison')

@@ -4,7 +4,7 @@ import http.client
 import pickle
 import socket
 import urllib.error
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Type
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
@@ -47,7 +47,7 @@ def build_gsop_model(
     if not _has_source(cfg, kwargs):
         raise WeightsNotAvailableError(_no_weights_message(variant, cfg, None))
     try:
-        with load_request(kwargs.get('pretrained_strict', True), source, _keys_timm_may_drop(cfg, kwargs)):
+        with load_request(kwargs.get('pretrained_strict', True), source, cfg, bool(kwargs.get('features_only'))):
             return _with_pool_size(build_model_with_cfg(
                 model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs))
     except CheckpointMismatchError:
@@ -83,21 +83,6 @@ def _with_pool_size(model: nn.Module) -> nn.Module:
         reduction = info[-1]['reduction']
         cfg['pool_size'] = tuple(-(-size // reduction) for size in cfg['input_size'][1:])
     return model
-
-
-def _keys_timm_may_drop(cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> Tuple[str, ...]:
-    """The checkpoint keys timm's ``load_pretrained`` removes itself: the classifier's when the model's classes
-    differ from the weights' (also with ``features_only``), the stem's when it cannot adapt ``in_chans``."""
-    def keys(names):
-        names = (names,) if isinstance(names, str) else tuple(names or ())
-        return tuple(f'{n}.{p}' for n in names for p in ('weight', 'bias'))
-
-    out: Tuple[str, ...] = ()
-    if kwargs.get('features_only') or kwargs.get('num_classes', cfg.get('num_classes')) != cfg.get('num_classes'):
-        out += keys(cfg.get('classifier') or 'fc')
-    if kwargs.get('in_chans', (cfg.get('input_size') or (3,))[0]) != (cfg.get('input_size') or (3,))[0]:
-        out += keys(cfg.get('first_conv') or 'conv1')
-    return out
 
 
 def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:

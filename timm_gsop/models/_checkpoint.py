@@ -210,19 +210,36 @@ _GSOP_MODULES = (ChannelGSoP, PositionGSoP, GSoPFusion)
 class _LoadRequest:
     strict: bool
     source: str
-    may_miss: Tuple[str, ...] = ()
+    cfg_num_classes: Optional[int] = None
+    cfg_in_chans: Optional[int] = None
+    features_only: bool = False
+
+    def keys_timm_drops(self, model: nn.Module) -> Tuple[str, ...]:
+        """What timm's ``load_pretrained`` removes from the checkpoint itself: the classifier when the model's
+        classes differ from the weights' (``features_only`` counts as 0 classes; train.py's --pretrained-path
+        overlay says -1), the stem when it cannot adapt it to the model's ``in_chans``."""
+        out: Tuple[str, ...] = ()
+        num_classes = 0 if self.features_only else getattr(model, 'num_classes', self.cfg_num_classes)
+        if num_classes != self.cfg_num_classes:
+            out += _classifier_keys(model)
+        if getattr(model, 'in_chans', self.cfg_in_chans) != self.cfg_in_chans:
+            out += _stem_keys(model)
+        return out
 
 
 _REQUEST: contextvars.ContextVar = contextvars.ContextVar('timm_gsop_load_request', default=None)
 
 
 @contextlib.contextmanager
-def load_request(strict: bool, source: str, may_miss: Sequence[str] = ()) -> Iterator[None]:
+def load_request(strict: bool, source: str, cfg: Optional[Mapping[str, Any]] = None,
+                 features_only: bool = False) -> Iterator[None]:
     """While a model is built with ``pretrained=True``: the caller's ``pretrained_strict``, a description of the
-    weights, and the keys timm's loader drops itself (the classifier's for another ``num_classes`` or
-    ``features_only``, the stem's when it cannot adapt ``in_chans``). timm relaxes strictness for the whole load
-    then; :meth:`CheckedLoadMixin.load_state_dict` still applies the caller's choice to every other tensor."""
-    token = _REQUEST.set(_LoadRequest(strict, source, tuple(may_miss)))
+    weights and their cfg. timm's loader relaxes strictness for the whole load when it re-initialises the
+    classifier or cannot adapt the stem; :meth:`CheckedLoadMixin.load_state_dict` still applies the caller's
+    choice to every other tensor."""
+    cfg = cfg or {}
+    request = _LoadRequest(strict, source, cfg.get('num_classes'), (cfg.get('input_size') or (3,))[0], features_only)
+    token = _REQUEST.set(request)
     try:
         yield
     finally:
@@ -355,7 +372,7 @@ class CheckedLoadMixin:
         allowed: Tuple[str, ...] = ()
         source = 'the state dict'
         if request is not None:
-            strict, source, allowed = request.strict, request.source, request.may_miss
+            strict, source, allowed = request.strict, request.source, request.keys_timm_drops(self)
         own = self.state_dict()
         wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
                  if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]

@@ -78,6 +78,11 @@ def test_gsop_net_beats_the_first_order_resnet_and_reloads(tmp_path):
     assert type(reloaded) is type(result['models'][1])
     text = out.getvalue()
     assert 'test acc.' in text and 'identical' in text and '-> OK' in text
+    # the warm start from the first-order network: exactly its accuracy before any step, then better
+    warm = result['warm_start']
+    assert warm['accuracy_before'] == first_order['accuracy']
+    assert warm['accuracy_after'] >= warm['accuracy_before'] + 2.0, text  # +3.8 points when written
+    assert 'GSoP-Net1, warm start, 0 steps' in text and 'GSoP-Net1, warm start + 3 epochs' in text
 
 
 def test_demo_command(tmp_path, capsys):

@@ -169,6 +169,22 @@ def test_export_timm_train_checkpoint_prefers_ema(tmp_path, net1):
     assert result.files['model.safetensors'] == (tmp_path / 'out' / 'model.safetensors').stat().st_size
 
 
+def test_export_records_a_warm_start_in_the_card(tmp_path, net1):
+    """train.py --pretrained --pretrained-path FILE --model-kwargs pretrained_strict=False: the card says where
+    the run started and that GSoP modules were warm-started."""
+    path = write_train_checkpoint(tmp_path / 'last.pth.tar', net1, None, pretrained=True,
+                                  pretrained_path='resnet50.a1_in1k.safetensors',
+                                  model_kwargs=dict(TINY, pretrained_strict=False))
+    result = hub.export_checkpoint(path, tmp_path / 'out', verify=False)
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert 'initialised from: `resnet50.a1_in1k.safetensors` (`pretrained_strict=False`: GSoP modules it lacks ' \
+           'were initialised function-preserving, a warm start)' in card
+    assert 'pretrained_strict' not in result.model_args
+    plain = write_train_checkpoint(tmp_path / 'scratch.pth.tar', net1, None)
+    hub.export_checkpoint(plain, tmp_path / 'scratch', verify=False)
+    assert 'initialised from' not in (tmp_path / 'scratch' / 'README.md').read_text()
+
+
 def test_export_ema_choice(tmp_path, net1):
     ema = make_model('gsop_resnet50', seed=12, **TINY)
     path = write_train_checkpoint(tmp_path / 'checkpoint-2.pth.tar', net1, ema)

@@ -146,8 +146,10 @@ def test_num_classes_zero_and_no_pool_via_init(name):
         assert model.get_classifier().__class__ is nn.Identity
         model = timm.create_model(name, num_classes=0, global_pool='').eval()
         assert model(x).shape == (2, 2048, 4, 4)
-    with pytest.raises(ValueError, match="global_pool=''"):
-        timm.create_model(name, num_classes=10, global_pool='')
+    # accepted as timm's ResNet accepts it (reset_classifier(0, '') then reset_classifier(10)), named when run
+    model = timm.create_model(name, num_classes=10, global_pool='').eval()
+    with pytest.raises(ValueError, match="global_pool='' .* cannot take the unpooled 4-D feature map"):
+        model(x)
     with pytest.raises(ValueError, match="Unknown global_pool 'bogus'.*'avg'"):
         timm.create_model(name, global_pool='bogus')
 

@@ -40,6 +40,7 @@ NET1, NET2 = 'gsop_resnet50', 'gsop2_resnet50'
 TINY_KWARGS = ['channels=(8,16,32,64)', 'stem_width=8', 'gsop_dim=8']
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, gsop_dim=8)
 TINY2 = dict(TINY, isqrt_dim=8)
+TINY_RESNET = dict(channels=(8, 16, 32, 64))  # a ResNet-50 whose widths match TINY's
 IMG = 32
 
 # Every option of timm's train.py (its argparse dests): a recipe key outside this set would be silently
@@ -574,3 +575,43 @@ def test_sync_batchnorm_conversion():
     assert isinstance(model.global_pool.bn_reduce, nn.SyncBatchNorm)
     with torch.no_grad():  # without a process group SyncBatchNorm runs as BatchNorm in eval mode
         assert model.eval()(batch(2)[0]).shape == (2, 4)
+
+
+def test_finetune_recipe_warm_starts_from_the_hub_resnet50(tmp_path, monkeypatch):
+    """The fine-tuning recipe (our choice, marked so) starts from timm/resnet50.a1_in1k through train.py's own
+    create_model call: a non-strict load from the Hub (here: the offline cache), GSoP modules warm-started."""
+    from huggingface_hub import constants as hf_constants
+    from timm_gsop import WarmStartWarning
+    cfg = load_recipe('gsop_resnet50_in1k_from_resnet50')
+    assert set(cfg) <= TRAIN_PY_OPTIONS, set(cfg) - TRAIN_PY_OPTIONS
+    assert 'OUR CHOICE' in open(recipe_path('gsop_resnet50_in1k_from_resnet50')).read()
+    assert cfg['pretrained'] and cfg['model_kwargs']['pretrained_strict'] is False
+    repo = cfg['model_kwargs']['pretrained_cfg_overlay']['hf_hub_id']
+    assert repo == 'timm/resnet50.a1_in1k'
+    # a ResNet-50 of the recipe's model's width in the Hub cache layout, under that repo id
+    source = timm.create_model('resnet50', **TINY_RESNET)
+    snapshot = tmp_path / 'hub' / f"models--{repo.replace('/', '--')}" / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    import safetensors.torch
+    safetensors.torch.save_file(source.state_dict(), str(snapshot / 'model.safetensors'))
+    (snapshot.parent.parent / 'refs').mkdir()
+    (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    args = train_args('gsop_resnet50_in1k_from_resnet50',
+                      argv=['--model-kwargs'] + [f'{k}={v!r}' for k, v in cfg['model_kwargs'].items()]
+                      + ['channels=(8,16,32,64)'])
+    with pytest.warns(WarmStartWarning, match=f'from hf-hub:{repo}: 4 GSoP module'):
+        model = create_model_like_train_py(args)
+    reference = timm.create_model('gsop_resnet50', **TINY_RESNET, gsop_stages=(0, 0, 0, 0))
+    reference.load_state_dict(source.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference.eval()(x))
+    # the recipe's schedule: lr 0.01 at 256, 30 epochs, cosine after one warm-up epoch
+    assert args.lr_base * args.batch_size / args.lr_base_size == pytest.approx(0.01)
+    optimizer = create_optimizer_v2(nn.Linear(2, 2), **optimizer_kwargs(cfg=dict_ns(args, lr=0.01)), **args.opt_kwargs)
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=10)
+    assert num_epochs == 30
+    lrs = [scheduler._get_lr(t)[0] for t in (0, 10, 150, 299)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[1] == pytest.approx(0.01) and lrs[1] > lrs[2] > lrs[3]

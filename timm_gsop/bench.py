@@ -24,7 +24,7 @@ from .cli import count_gflops, count_params, format_table, parse_model_kwargs
 from .layers import second_order
 from .layers.gsop import row_conv
 
-__all__ = ['parse_model_spec', 'bench_models', 'bench_ops', 'add_parser']
+__all__ = ['parse_model_spec', 'bench_models', 'bench_ops', 'check_amp_training', 'add_parser']
 
 
 def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
@@ -240,6 +240,58 @@ def _mb(value: Optional[int]) -> Optional[float]:
     return None if value is None else value / 2 ** 20
 
 
+# ---- mixed-precision training check ------------------------------------------------------------------------
+
+def check_amp_training(
+        spec: str,
+        amp_dtype: torch.dtype,
+        device: str = 'cuda',
+        steps: int = 50,
+        batch_size: int = 32,
+        img_size: int = 224,
+        channels_last: bool = True,
+        blank_every: int = 10,
+) -> Dict[str, Any]:
+    """``steps`` SGD steps under autocast (a GradScaler for float16), random batches with an all-zero one every
+    ``blank_every`` steps; returns the steps with a non-finite loss, output or gradient, the final loss, and the
+    dtypes the GSoP gates saw (covariances and gates must stay float32)."""
+    from .layers.gsop import CovarianceGate
+    name, kwargs = parse_model_spec(spec)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = timm.create_model(name, **kwargs).to(dev).to(memory_format=memory_format).train()
+    gate_dtypes = set()
+    for m in model.modules():
+        if isinstance(m, CovarianceGate):
+            m.register_forward_hook(lambda mod, i, o: gate_dtypes.add(f'{i[0].dtype}->{o.dtype}'.replace('torch.', '')))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
+    bad, loss = [], torch.zeros(())
+    for step in range(steps):
+        x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev).to(memory_format=memory_format)
+        if blank_every and step % blank_every == blank_every - 1:
+            x.zero_()
+        y = torch.randint(0, model.num_classes, (batch_size,), device=dev)
+        with torch.autocast(dev.type, dtype=amp_dtype):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        # with a GradScaler an overflowing step is skipped by design: count steps whose loss or output is
+        # non-finite, and gradients only where the scaler did not skip
+        grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        skipped = amp_dtype == torch.float16 and not grads_finite
+        if not (torch.isfinite(loss) and torch.isfinite(logits).all()) or (not grads_finite and not skipped):
+            bad.append(step)
+        scaler.step(opt)
+        scaler.update()
+    return dict(model=spec, amp=str(amp_dtype).replace('torch.', ''), steps=steps, nonfinite_steps=bad,
+                final_loss=float(loss), gate_dtypes=sorted(gate_dtypes))
+
+
 # ---- op-level comparisons with the released formulations ---------------------------------------------------
 
 def covariance_mxm(x: torch.Tensor) -> torch.Tensor:
@@ -359,6 +411,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if malloc == 'retain' and not _retain_freed_memory():
         malloc = 'system (retain not supported here)'
     amp = _AMP[args.amp] if args.amp else None
+    if args.amp_check:
+        reports = [check_amp_training(spec, _AMP[dtype], device=args.device, steps=args.steps, img_size=args.img_size,
+                                      batch_size=args.batch_size[0], channels_last=args.channels_last)
+                   for spec in args.model for dtype in args.amp_check]
+        for r in reports:
+            print(f"{r['model']} {r['amp']}: {r['steps']} steps, non-finite at {r['nonfinite_steps'] or 'none'}, "
+                  f"final loss {r['final_loss']:.3f}, gates {', '.join(r['gate_dtypes'])}")
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(reports, f, indent=2)
+        ok = all(not r['nonfinite_steps'] and r['gate_dtypes'] == ['float32->float32'] for r in reports)
+        print('AMP training check:', 'OK' if ok else 'FAILED')
+        return 0 if ok else 1
     log = (lambda msg: print(f'[bench] {msg}', file=sys.stderr, flush=True)) if not args.quiet else None
     results = bench_models(
         args.model, baseline=args.baseline, batch_sizes=args.batch_size, img_size=args.img_size,
@@ -395,6 +460,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--amp', choices=sorted(_AMP), default=None, help='autocast dtype')
     p.add_argument('--ops', action='store_true', help='also compare the ops with the released formulations')
+    p.add_argument('--amp-check', nargs='+', choices=sorted(_AMP), default=None, metavar='DTYPE',
+                   help='instead of timing: train each model --steps steps under autocast with each DTYPE (fp16 with '
+                        'a GradScaler) and check every loss, output and gradient is finite and the GSoP gates run in '
+                        'float32')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
                    help="CPU allocator behaviour while timing: 'retain' keeps freed memory in the process "

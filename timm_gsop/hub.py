@@ -220,6 +220,7 @@ def _kwargs_from_train_args(args: Mapping[str, Any]) -> Dict[str, Any]:
         if args.get(key) is not None:
             kwargs[key] = args[key]
     kwargs.update(dict(args.get('model_kwargs') or {}))
+    kwargs.pop('pretrained_strict', None)  # how the training run loaded its start, not a model argument
     return kwargs
 
 
@@ -640,6 +641,22 @@ _TRAIN_ARG_KEYS = (
 )
 
 
+def initialisation_source(args: Mapping[str, Any]) -> Optional[str]:
+    """Where train.py started from, from its ``args``: ``--pretrained-path`` / ``--initial-checkpoint`` / the
+    model's own pretrained weights, and whether GSoP modules missing there were warm-started
+    (``--model-kwargs pretrained_strict=False``)."""
+    strict = (args.get('model_kwargs') or {}).get('pretrained_strict', True)
+    warm = (' (`pretrained_strict=False`: GSoP modules it lacks were initialised function-preserving, a warm '
+            'start)') if strict is False else ''
+    if args.get('pretrained') and args.get('pretrained_path'):
+        return f"`{args['pretrained_path']}`{warm}"
+    if args.get('initial_checkpoint'):
+        return f"`{args['initial_checkpoint']}` (train.py --initial-checkpoint)"
+    if args.get('pretrained'):
+        return f"the model's pretrained weights{warm}"
+    return None
+
+
 def _training_section(facts: Mapping[str, Any], weights: Optional[WeightsInfo]) -> str:
     parts = []
     if weights is not None and weights.train_args:
@@ -653,6 +670,9 @@ def _training_section(facts: Mapping[str, Any], weights: Optional[WeightsInfo]) 
         world = args.get('world_size')
         if world:
             items.append(f'  - processes: `{world}`')
+        start = initialisation_source(args)
+        if start:
+            items.append(f'  - initialised from: {start}')
         if items:
             parts.append("- **These weights** (timm's train.py, from the `args` stored in the checkpoint):\n"
                          + '\n'.join(items))

@@ -17,7 +17,7 @@ from timm.models.resnet import Bottleneck
 
 import timm_gsop  # noqa: F401
 from conftest import distinct_tiny_models, randomise_bn_, tiny_kwargs
-from timm_gsop.cli import list_gsop_models
+from timm_gsop.zoo import list_gsop_models
 from timm_gsop.layers import ChannelGSoP, second_order
 from timm_gsop.models._blocks import GSoPBottleneck
 from timm_gsop.models.preresnet_cifar import PreActBottleneckCifar
@@ -36,7 +36,7 @@ def _threads(one_thread):
 
 
 class _PlainCovariance:
-    """Stands in for ``second_order._Covariance``: the centred product, differentiated by autograd itself."""
+    """Stands in for ``second_order.Covariance``: the centred product, differentiated by autograd itself."""
 
     @staticmethod
     def apply(x):
@@ -61,12 +61,12 @@ class PlainModel(nn.Module):
 
 @contextmanager
 def plain_ops():
-    saved = second_order._Covariance
-    second_order._Covariance = _PlainCovariance
+    saved = second_order.Covariance
+    second_order.Covariance = _PlainCovariance
     try:
         yield
     finally:
-        second_order._Covariance = saved
+        second_order.Covariance = saved
 
 
 def plain_reference(model: nn.Module) -> PlainModel:
@@ -427,7 +427,7 @@ def _fn_inputs(seed=0):
 
 
 def _affine_relu_conv(x, scale, shift, weight, bias):
-    return fused.AffineReluConv.apply(x, scale, shift, weight, bias, (1, 1), (0, 0), (1, 1), 1)
+    return functions.AffineReluConv.apply(x, scale, shift, weight, bias, (1, 1), (0, 0), (1, 1), 1)
 
 
 def _affine_relu_conv_ref(x, scale, shift, weight, bias):
@@ -435,7 +435,7 @@ def _affine_relu_conv_ref(x, scale, shift, weight, bias):
 
 
 def _affine_scale_add(x, scale, shift, a, shortcut):
-    return fused.AffineScaleAdd.apply(x, scale, shift, a, shortcut)
+    return functions.AffineScaleAdd.apply(x, scale, shift, a, shortcut)
 
 
 def _affine_scale_add_ref(x, scale, shift, a, shortcut):
@@ -443,7 +443,7 @@ def _affine_scale_add_ref(x, scale, shift, a, shortcut):
 
 
 def _batch_stats(x):
-    return fused.BatchStats.apply(x, None, None, 0.1)
+    return functions.BatchStats.apply(x, None, None, 0.1)
 
 
 def _batch_stats_ref(x):
@@ -451,7 +451,7 @@ def _batch_stats_ref(x):
     return mean, var
 
 
-from timm_gsop.layers import gsop_fused as fused  # noqa: E402
+from timm_gsop.layers import autograd_functions as functions  # noqa: E402
 
 FUNCTIONS = {
     'AffineReluConv': (_affine_relu_conv, _affine_relu_conv_ref, ('x', 'scale', 'shift', 'weight', 'bias')),
@@ -512,7 +512,7 @@ def test_batch_stats_update_running_statistics_exactly_as_batchnorm():
         running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
         x = torch.randn(4, 6, 7, 5, dtype=torch.float64)
         bn(x)
-        fused.BatchStats.apply(x, running_mean, running_var, momentum)
+        functions.BatchStats.apply(x, running_mean, running_var, momentum)
         assert torch.equal(running_mean, bn.running_mean) and torch.equal(running_var, bn.running_var)
 
 

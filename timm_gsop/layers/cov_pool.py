@@ -1,7 +1,6 @@
 """iSQRT-COV global pooling: the covariance head of GSoP-Net2 and iSQRT-COV networks."""
 from typing import Type
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 

@@ -15,17 +15,18 @@ They are registered as leaf functions for ``torch.fx`` (plain ``symbolic_trace``
 feature extraction), so a traced model keeps the float32 region intact.
 """
 import warnings
-from contextlib import nullcontext
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
 
 from timm.layers import register_notrace_function
 
+from .autograd_functions import Covariance, centred_covariance
+
 __all__ = [
     'covariance_pool', 'position_gram', 'isqrt', 'triu_vectorize', 'triu_indices_flat',
-    'autocast_active', 'autocast_off', 'upcast', 'TRACE_EPS',
+    'autocast_active', 'upcast', 'TRACE_EPS',
     'skip_checks',
 ]
 
@@ -64,46 +65,12 @@ def _check_feature_map(x: Tensor, name: str) -> None:
         raise ValueError(f'{name} expects a 4-D (B, C, H, W) feature map, got shape {tuple(x.shape)}')
 
 
-def autocast_off(x: Tensor, active: Optional[bool] = None):
-    """A context that disables autocast for ``x``'s device if it is on (or if ``active``), else does nothing."""
-    if autocast_active(x) if active is None else active:
-        return torch.autocast(device_type=x.device.type, enabled=False)
-    return nullcontext()
-
-
-def _centred_covariance(x: Tensor) -> Tensor:
-    centred = x - x.mean(dim=2, keepdim=True)
-    # centred product == X I_hat X^T of the released code, without the (M, M) I_hat
-    return torch.bmm(centred, centred.transpose(1, 2)).div_(x.shape[-1])
-
-
-class _Covariance(torch.autograd.Function):
-    """``(B, C, M) -> (B, C, C)`` centred covariance that keeps its input for backward, not a centred copy:
-    the ReLU in front of every covariance here keeps that tensor anyway. The backward,
-    ``(G + G^T)(X - mean) / M``, is written in differentiable ops (double backward, torch.func)."""
-    generate_vmap_rule = True  # torch.func.vmap derives the batched rule from forward / backward
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return _centred_covariance(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        x, = ctx.saved_tensors
-        # no term through the mean: the rows of (G + G^T)(X - mean) already sum to zero over M
-        return torch.bmm(grad + grad.transpose(1, 2), x - x.mean(dim=2, keepdim=True)) / x.shape[-1]
-
-
 def _covariance_fp32(x: Tensor) -> Tensor:
     x = upcast(x.flatten(2))
     if not torch.jit.is_scripting():
         if not (skip_checks(x) or torch.compiler.is_compiling()):
-            return _Covariance.apply(x)
-    return _centred_covariance(x)
+            return Covariance.apply(x)
+    return centred_covariance(x)
 
 
 def covariance_pool(x: Tensor) -> Tensor:
@@ -194,10 +161,11 @@ def triu_indices_flat(dim: int, device: torch.device = torch.device('cpu')) -> T
     tracer (``torch.jit.trace``, the TorchScript ONNX exporter) records it as a constant, not as
     ``aten::tril_indices`` (which ONNX has no op for).
     """
-    index = [row * dim + col for row in range(dim) for col in range(row + 1)]
     with warnings.catch_warnings():
         # a tracer records it as a constant, which is what we want here
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        dim = int(dim)  # under torch.jit.trace a size is a traced tensor: one int, not N^2 traced ops
+        index = [row * dim + col for row in range(dim) for col in range(row + 1)]
         return torch.tensor(index, dtype=torch.long, device=device)
 
 

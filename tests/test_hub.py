@@ -28,8 +28,9 @@ from huggingface_hub import ModelCard
 from huggingface_hub import constants as hf_constants
 
 import timm_gsop
-from timm_gsop import hub
-from timm_gsop.cli import count_gflops, count_params, list_gsop_models, main
+from timm_gsop import cards, checkpoints, export, push
+from timm_gsop.zoo import count_gflops, count_params, list_gsop_models
+from timm_gsop_cli import main
 from timm_gsop.models import CheckpointMismatchError, WeightsNotAvailableError
 from timm_gsop.models import _cfg
 from timm_gsop.models._cfg import HUB_NAMESPACE
@@ -132,7 +133,7 @@ def net2_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('net2')
     model = make_model('gsop2_resnet50', seed=2, **TINY_NET2)
     torch.save(model.state_dict(), tmp / 'weights.pth')
-    hub.export_checkpoint(tmp / 'weights.pth', tmp / 'export', model='gsop2_resnet50', model_kwargs=dict(TINY_NET2))
+    export.export_checkpoint(tmp / 'weights.pth', tmp / 'export', model='gsop2_resnet50', model_kwargs=dict(TINY_NET2))
     return tmp / 'export', model
 
 
@@ -159,7 +160,7 @@ def assert_export_folder(folder, name, model):
 def test_export_timm_train_checkpoint_prefers_ema(tmp_path, net1):
     ema = make_model('gsop_resnet50', seed=11, **TINY)
     path = write_train_checkpoint(tmp_path / 'model_best.pth.tar', net1, ema)
-    result = hub.export_checkpoint(path, tmp_path / 'out')  # model and kwargs from the checkpoint's args
+    result = export.export_checkpoint(path, tmp_path / 'out')  # model and kwargs from the checkpoint's args
     assert result.used_ema and result.checkpoint.container == 'timm-train' and result.model_name == 'gsop_resnet50.in1k'
     config, card = assert_export_folder(tmp_path / 'out', 'gsop_resnet50', ema)
     assert config['model_args'] == {'num_classes': 5, **TINY, 'in_chans': 3, 'global_pool': 'avg'}
@@ -175,13 +176,13 @@ def test_export_records_a_warm_start_in_the_card(tmp_path, net1):
     path = write_train_checkpoint(tmp_path / 'last.pth.tar', net1, None, pretrained=True,
                                   pretrained_path='resnet50.a1_in1k.safetensors',
                                   model_kwargs=dict(TINY, pretrained_strict=False))
-    result = hub.export_checkpoint(path, tmp_path / 'out', verify=False)
+    result = export.export_checkpoint(path, tmp_path / 'out', verify=False)
     card = (tmp_path / 'out' / 'README.md').read_text()
     assert 'initialised from: `resnet50.a1_in1k.safetensors` (`pretrained_strict=False`: GSoP modules it lacks ' \
            'were initialised function-preserving, a warm start)' in card
     assert 'pretrained_strict' not in result.model_args
     plain = write_train_checkpoint(tmp_path / 'scratch.pth.tar', net1, None)
-    hub.export_checkpoint(plain, tmp_path / 'scratch', verify=False)
+    export.export_checkpoint(plain, tmp_path / 'scratch', verify=False)
     assert 'initialised from' not in (tmp_path / 'scratch' / 'README.md').read_text()
 
 
@@ -195,8 +196,8 @@ def test_export_ema_choice(tmp_path, net1):
     # trained without EMA, at another image size: the export records train.py's eval preprocessing
     no_ema = write_train_checkpoint(tmp_path / 'plain.pth.tar', net1, None, img_size=96, crop_pct=0.9)
     with pytest.raises(ValueError, match='no EMA weights'):
-        hub.export_checkpoint(no_ema, tmp_path / 'x', use_ema=True)
-    result = hub.export_checkpoint(no_ema, tmp_path / 'plain', verify=False)
+        export.export_checkpoint(no_ema, tmp_path / 'x', use_ema=True)
+    result = export.export_checkpoint(no_ema, tmp_path / 'plain', verify=False)
     assert not result.used_ema
     cfg = json.loads((tmp_path / 'plain' / 'config.json').read_text())['pretrained_cfg']
     assert cfg['input_size'] == [3, 96, 96] and cfg['crop_pct'] == 0.9
@@ -209,7 +210,7 @@ def test_export_released_gsop_checkpoint(tmp_path):
     model = make_model('gsop2_resnet50', seed=3, **TINY_NET2)
     torch.save({'epoch': 65, 'arch': 'resnet50', 'best_prec1': 78.81, 'optimizer': {'state': {}, 'param_groups': []},
                 'state_dict': to_released_gsop(model.state_dict())}, tmp_path / 'model_best.pth.tar')
-    result = hub.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'out', model='gsop2_resnet50',
+    result = export.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'out', model='gsop2_resnet50',
                                    model_kwargs=dict(TINY_NET2))
     assert result.checkpoint.container == 'released-code' and result.layout == 'released-gsop'
     _, card = assert_export_folder(tmp_path / 'out', 'gsop2_resnet50', model)
@@ -221,14 +222,14 @@ def test_export_fast_mpncov_checkpoint(tmp_path):
     torch.save({'epoch': 64, 'arch': 'mpncovresnet50', 'best_prec1': 77.86, 'optimizer': {},
                 'state_dict': to_fast_mpncov(model.state_dict())}, tmp_path / 'model_best.pth.tar')
     # fast-MPN-COV's arch names the model; its covariance vector is reordered on the way
-    result = hub.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'out',
+    result = export.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'out',
                                    model_kwargs=dict(TINY_ISQRT))
     assert result.layout == 'fast-mpn-cov' and result.model_name == 'isqrt_resnet50.mpncov_in1k'
     _, card = assert_export_folder(tmp_path / 'out', 'isqrt_resnet50', model)
     assert 'iSQRT-COV' in card.text and '22.14' in card.text  # the isqrt_cov facts, reported numbers
     # GSoP-Net2's loader would read the triangle vector in the wrong order: refused
     with pytest.raises(ValueError, match='isqrt_resnet50'):
-        hub.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'bad', model='gsop2_resnet50',
+        export.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'bad', model='gsop2_resnet50',
                               model_kwargs=dict(TINY_NET2, gsop_stages=(0, 0, 0, 0), isqrt_iters=5))
 
 
@@ -241,7 +242,7 @@ def test_export_plain_weights(tmp_path, net1, kind):
         path = tmp_path / 'weights.pth'
         torch.save({f'module.{k}': v for k, v in net1.state_dict().items()}, path)  # DataParallel prefix too
     # num_classes comes from the classifier's shape
-    result = hub.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(TINY),
+    result = export.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(TINY),
                                    repo_id='me/my-gsop', dataset='cifar100')
     assert result.checkpoint.container == kind and result.model_args['num_classes'] == 5
     _, card = assert_export_folder(tmp_path / 'out', 'gsop_resnet50', net1)
@@ -253,7 +254,7 @@ def test_export_with_validate_results(tmp_path, net1):
     safetensors.torch.save_file(net1.state_dict(), str(tmp_path / 'w.safetensors'))
     (tmp_path / 'results.json').write_text(json.dumps(
         {'model': 'gsop_resnet50', 'top1': 78.123, 'top5': 94.01, 'img_size': 224, 'crop_pct': 0.875}))
-    hub.export_checkpoint(tmp_path / 'w.safetensors', tmp_path / 'out', model='gsop_resnet50',
+    export.export_checkpoint(tmp_path / 'w.safetensors', tmp_path / 'out', model='gsop_resnet50',
                           model_kwargs=dict(TINY), results=tmp_path / 'results.json', verify=False)
     card = (tmp_path / 'out' / 'README.md').read_text()
     assert 'top-1 78.123, top-5 94.010: timm validate.py' in card
@@ -271,8 +272,8 @@ def test_arbitrary_code_pickle_is_refused(tmp_path):
             return os.system, (f'touch {marker}',)
 
     torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}, 'payload': Evil()}, tmp_path / 'evil.pth.tar')
-    with pytest.raises(hub.UnsafeCheckpointError, match=r'Refusing to load .*posix\.system|Refusing .*system'):
-        hub.export_checkpoint(tmp_path / 'evil.pth.tar', tmp_path / 'out', model='gsop_resnet50')
+    with pytest.raises(checkpoints.UnsafeCheckpointError, match=r'Refusing to load .*posix\.system|Refusing .*system'):
+        export.export_checkpoint(tmp_path / 'evil.pth.tar', tmp_path / 'out', model='gsop_resnet50')
     assert not marker.exists() and not (tmp_path / 'out').exists()
     assert main(['export', str(tmp_path / 'evil.pth.tar'), '--model', 'gsop_resnet50', '--out',
                  str(tmp_path / 'out')]) == 1
@@ -285,8 +286,8 @@ def test_corrupted_safetensors(tmp_path, net1, net2_export, damage):
     safetensors.torch.save_file(net1.state_dict(), str(path))
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2] if damage == 'truncated' else data[:8] + b'\xff' * 32 + data[40:])
-    with pytest.raises(hub.CheckpointReadError, match='not a readable safetensors file'):
-        hub.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50')
+    with pytest.raises(checkpoints.CheckpointReadError, match='not a readable safetensors file'):
+        export.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50')
     # loading: a damaged model.safetensors in an exported folder, and as a pretrained_cfg_overlay file
     folder, _ = net2_export
     broken = tmp_path / 'broken'
@@ -300,31 +301,31 @@ def test_corrupted_safetensors(tmp_path, net1, net2_export, damage):
     with pytest.raises(RuntimeError, match=re.escape(str(path))):
         timm.create_model('gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                           num_classes=5, **TINY)
-    with pytest.raises(hub.ExportFolderError, match='not a readable safetensors'):
-        hub.check_export_folder(broken)
+    with pytest.raises(push.ExportFolderError, match='not a readable safetensors'):
+        push.check_export_folder(broken)
 
 
 def test_truncated_pickle_and_missing_file(tmp_path, net1):
     path = write_train_checkpoint(tmp_path / 'model_best.pth.tar', net1)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 3])
-    with pytest.raises(hub.CheckpointReadError, match='truncated or corrupted'):
-        hub.read_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointReadError, match='truncated or corrupted'):
+        checkpoints.read_checkpoint(path)
     with pytest.raises(FileNotFoundError):
-        hub.read_checkpoint(tmp_path / 'nope.pth')
+        checkpoints.read_checkpoint(tmp_path / 'nope.pth')
 
 
 def test_wrong_architecture(tmp_path, net1):
     torch.save(net1.state_dict(), tmp_path / 'net1.pth')
     with pytest.raises(CheckpointMismatchError, match=r'does not fit gsop2_resnet50'):
-        hub.export_checkpoint(tmp_path / 'net1.pth', tmp_path / 'out', model='gsop2_resnet50',
+        export.export_checkpoint(tmp_path / 'net1.pth', tmp_path / 'out', model='gsop2_resnet50',
                               model_kwargs=dict(TINY_NET2))
     # train.py's args.model disagrees with --model
     write_train_checkpoint(tmp_path / 'ckpt.pth.tar', net1)
     with pytest.raises(ValueError, match="trained as 'gsop_resnet50'"):
-        hub.export_checkpoint(tmp_path / 'ckpt.pth.tar', tmp_path / 'out', model='gsop2_resnet50')
+        export.export_checkpoint(tmp_path / 'ckpt.pth.tar', tmp_path / 'out', model='gsop2_resnet50')
     with pytest.raises(ValueError, match='not a timm-gsop model'):
-        hub.export_checkpoint(tmp_path / 'net1.pth', tmp_path / 'out', model='resnet50')
+        export.export_checkpoint(tmp_path / 'net1.pth', tmp_path / 'out', model='resnet50')
     # and when loading: Net1 weights into a Net2
     with pytest.raises(CheckpointMismatchError, match='gsop2_resnet50'):
         timm.create_model('gsop2_resnet50', pretrained=True, num_classes=5, **TINY_NET2,
@@ -335,7 +336,7 @@ def test_wrong_num_classes(tmp_path, net1):
     torch.save(net1.state_dict(), tmp_path / 'net1.pth')
     with pytest.raises(CheckpointMismatchError, match=r'fc\.weight: checkpoint \(5, 2048\) vs model \(10, 2048\)'
                                                       r'[\s\S]*num_classes=5'):
-        hub.export_checkpoint(tmp_path / 'net1.pth', tmp_path / 'out', model='gsop_resnet50',
+        export.export_checkpoint(tmp_path / 'net1.pth', tmp_path / 'out', model='gsop_resnet50',
                               model_kwargs=dict(TINY, num_classes=10))
     # loading a 5-class file into the default 1000-class model: the same clear error, not a bare RuntimeError
     with pytest.raises(CheckpointMismatchError, match=r'does not fit gsop_resnet50[\s\S]*num_classes=5'):
@@ -418,6 +419,38 @@ def test_published_tags_point_at_the_hub_namespace(monkeypatch):
 
 # ---- model cards ---------------------------------------------------------------------------------------
 
+def _assert_card_dimensions_are_the_models(text, model):
+    """Every dimension the card's prose states is the model's own."""
+    from timm_gsop.layers import ChannelGSoP, GSoPFusion, ISqrtCovPool, PositionGSoP
+    gsop = [m for m in model.modules() if isinstance(m, (ChannelGSoP, PositionGSoP, GSoPFusion))]
+    dims = sorted({(m.channel if isinstance(m, GSoPFusion) else m).dim for m in gsop})
+    for d in re.findall(r'(\d+)-channel\s+reduction', text) + re.findall(r'\(d = (\d+)\)', text):
+        assert int(d) in dims, (d, dims)
+    pool = getattr(model, 'global_pool', None)
+    if isinstance(pool, ISqrtCovPool):
+        for features in re.findall(r'([\d,]+)-d (?:upper-)?triangle vector', text):
+            assert int(features.replace(',', '')) == pool.out_features
+        for a, b in re.findall(r'1x1 conv (\d+)\s+->\s+(\d+)', text):
+            assert (int(a), int(b)) == (model.num_features, pool.dim)
+    for blocks in re.findall(r'(\d+) GSoP blocks', text):
+        assert int(blocks) == len(gsop)
+    h, w = model.pretrained_cfg['input_size'][1:]
+    for a, b in re.findall(rf'(\d+)x(\d+) final map at {h}x{w}', text):
+        assert (int(a), int(b)) == tuple(model.pretrained_cfg['pool_size'])
+
+
+def test_card_text_follows_the_model_kwargs():
+    """A card of a model built with other kwargs states that model's dimensions, not the published ones."""
+    text = cards.render_card('gsop2_resnet50', model_kwargs=dict(gsop_dim=32, last_stride=2, isqrt_dim=64))
+    model = timm.create_model('gsop2_resnet50', gsop_dim=32, last_stride=2, isqrt_dim=64, device='meta')
+    _assert_card_dimensions_are_the_models(text, model)
+    assert '32-channel reduction' in text and '(d = 32)' in text
+    assert '128-channel' not in text and '(d = 128)' not in text
+    assert 'runs at stride 2 (7x7 final map at 224x224)' in text and '2,080-d upper-triangle vector' in text
+    cifar = cards.render_card('gsop2_preresnet164_cifar')
+    assert '64-channel reduction' in cifar and '128-channel' not in cifar
+
+
 def _activations(model, input_size):
     total = []
     hooks = [m.register_forward_hook(lambda mod, i, o: total.append(o.numel())) for m in model.modules()
@@ -430,14 +463,15 @@ def _activations(model, input_size):
 
 @pytest.mark.parametrize('name', list_gsop_models())
 def test_card_of_every_registered_model(name):
-    text = hub.render_card(name)
+    text = cards.render_card(name)
     card = ModelCard(text)
     meta = yaml.safe_load(text.split('---')[1])
     assert meta == card.data.to_dict()
     assert card.data.library_name == 'timm' and card.data.tags == ['image-classification', 'timm']
-    assert card.data.license
+    assert card.data.pipeline_tag == 'image-classification' and card.data.license
     cfg = timm.models.get_pretrained_cfg(name)
     model = timm.create_model(name, device='meta')
+    _assert_card_dimensions_are_the_models(text, model)
     input_size = tuple(cfg.input_size)
     activations, gflops = _activations(model, input_size)
     assert f'  - Params (M): {count_params(model) / 1e6:.1f}\n' in text
@@ -450,27 +484,27 @@ def test_card_of_every_registered_model(name):
         assert section in text, section
     assert f"timm.create_model('{name}.{cfg.tag}', pretrained=True)" in text
     assert f'({", ".join(map(str, [1, model.head_hidden_size]))}) shaped tensor' in text
-    dataset = hub.dataset_for_tag(cfg.tag)
+    dataset = cards.dataset_for_tag(cfg.tag)
     assert card.data.datasets == ([dataset['hub_id']] if dataset else None)
 
 
 def test_card_facts_are_labelled_and_data_driven():
-    text = hub.render_card('gsop2_resnet50')
+    text = cards.render_card('gsop2_resnet50')
     assert '### Reported by the papers (not measured on these weights)' in text
     assert '| ImageNet-1k val, single 224x224 crop | *78.81* | *94.36* | 21.19 | 5.64 | GSoP-Net paper' in text
     assert 'arxiv.org/abs/1712.01034' in text and 'GSoP-Net2' in text and '@inproceedings{gao2019global' in text
     assert '#  torch.Size([1, 2048, 14, 14])' in text  # stride-1 last stage
     assert '(1, 32896) shaped tensor' in text
     # the paper reports nothing for ResNet-101
-    assert 'The papers report no results' in hub.render_card('gsop_resnet101')
+    assert 'The papers report no results' in cards.render_card('gsop_resnet101')
     # a family without a facts file gets generic facts from its pretrained cfg
-    facts = hub.card_facts('cbamresnet50')
+    facts = cards.card_facts('cbamresnet50')
     assert facts['family'] is None and facts['reported'] == [] and facts['papers']
-    cifar = hub.render_card('gsop2_preresnet164_cifar')
+    cifar = cards.render_card('gsop2_preresnet164_cifar')
     assert '| CIFAR-100 (ResNet-164) | *81.42* | - | 18.58 | - |' in cifar and 'cifar100' in cifar
     assert '*Italic*: 100 minus the reported' in cifar
     # model kwargs reach the numbers and are listed
-    small = hub.render_card('gsop_resnet50', model_kwargs=dict(TINY, num_classes=5))
+    small = cards.render_card('gsop_resnet50', model_kwargs=dict(TINY, num_classes=5))
     assert '`base_width=4`, `gsop_dim=16`' in small and 'other arguments than the published configuration' in small
 
 
@@ -478,7 +512,7 @@ def test_card_cli(tmp_path, capsys):
     assert main(['card', 'gsop_resnet50', '--out', str(tmp_path / 'README.md'), '--repo-id', 'me/x']) == 0
     text = (tmp_path / 'README.md').read_text()
     assert "timm.create_model('hf-hub:me/x', pretrained=True)" in text and '# Model card for x\n' in text
-    assert main(['card', 'resnet50']) == 1
+    assert main(['card', 'resnet50']) == 2
     assert 'not a timm-gsop model' in capsys.readouterr().err
 
 
@@ -489,7 +523,7 @@ def test_hub_cards_ship_in_the_wheel():
     cfg = configparser.ConfigParser()
     cfg.read(root / 'setup.cfg')
     patterns = [p.strip() for p in cfg['options.package_data']['timm_gsop.hub_cards'].split(',')]
-    assert hub.cards_dir() in (root / 'hub_cards', Path(timm_gsop.__file__).parent / 'hub_cards')
+    assert cards.cards_dir() in (root / 'hub_cards', Path(timm_gsop.__file__).parent / 'hub_cards')
     files = [p.relative_to(root / 'hub_cards').as_posix() for p in (root / 'hub_cards').rglob('*') if p.is_file()]
     assert all(any(fnmatch.fnmatch(f, pat) and f.count('/') == pat.count('/') for pat in patterns) for f in files)
     assert {'template.md', 'generic.yaml', 'datasets.yaml'} <= set(files)
@@ -512,9 +546,9 @@ def test_push_dry_run_lists_files_without_network(net2_export, tmp_path, capsys)
     assert 'checkpoint-3.pth.tar' in out and 'skipped' in out
     assert 'usage examples point at me/tiny-gsop2' in out
     (staged / 'config.json').write_text(json.dumps({'architecture': 'gsop_resnet50', 'model_args': TINY}))
-    assert main(['push', str(staged), '--repo-id', 'me/tiny-gsop2', '--dry-run']) == 1
+    assert main(['push', str(staged), '--repo-id', 'me/tiny-gsop2', '--dry-run']) == 2
     assert 'does not hold the tensors of gsop_resnet50' in capsys.readouterr().err
-    assert main(['push', str(staged), '--repo-id', 'not-a-repo-id', '--dry-run']) == 1
+    assert main(['push', str(staged), '--repo-id', 'not-a-repo-id', '--dry-run']) == 2
 
 
 # ---- the Hub round trip --------------------------------------------------------------------------------
@@ -522,7 +556,7 @@ def test_push_dry_run_lists_files_without_network(net2_export, tmp_path, capsys)
 CLIENT = textwrap.dedent('''
     import json, os, sys, traceback
     import torch, timm, timm_gsop
-    from timm_gsop.cli import main
+    from timm_gsop_cli import main
 
     folder, repo, out_file, phase = sys.argv[1:5]
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -569,7 +603,7 @@ def full_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('full')
     model = make_model('gsop_resnet50', seed=5, num_classes=1000)
     torch.save(model.state_dict(), tmp / 'gsop_resnet50.pth')
-    result = hub.export_checkpoint(tmp / 'gsop_resnet50.pth', tmp / 'gsop_resnet50.in1k', model='gsop_resnet50')
+    result = export.export_checkpoint(tmp / 'gsop_resnet50.pth', tmp / 'gsop_resnet50.in1k', model='gsop_resnet50')
     (tmp / 'gsop_resnet50.pth').unlink()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     return result, outputs(model, x)
@@ -647,13 +681,13 @@ def test_hub_round_trip(full_export, tmp_path):
 def test_failed_export_keeps_the_previous_good_files(tmp_path, net1, monkeypatch):
     path = tmp_path / 'weights.pth'
     torch.save(net1.state_dict(), path)
-    hub.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(num_classes=5, **TINY))
+    export.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(num_classes=5, **TINY))
     before = {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()}
 
     def crash(*args, **kwargs):
         raise RuntimeError('disk full half way through the card')
-    monkeypatch.setattr(hub, 'render_card', crash)
+    monkeypatch.setattr(export, 'render_card', crash)
     with pytest.raises(RuntimeError, match='disk full'):
-        hub.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(num_classes=5, **TINY))
+        export.export_checkpoint(path, tmp_path / 'out', model='gsop_resnet50', model_kwargs=dict(num_classes=5, **TINY))
     assert {p.name: p.read_bytes() for p in (tmp_path / 'out').iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out', 'weights.pth']  # no staging folder left

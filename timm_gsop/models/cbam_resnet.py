@@ -35,7 +35,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     return _convert_checkpoint(state_dict, model)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> CbamResNet:
+def _create_cbam_resnet(variant: str, pretrained: bool = False, **kwargs) -> CbamResNet:
     return build_gsop_model(CbamResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
@@ -58,12 +58,12 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 @register_model
 def cbamresnet50(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-50 with timm's CbamModule in every bottleneck."""
-    return _create('cbamresnet50', pretrained, **dict(dict(
+    return _create_cbam_resnet('cbamresnet50', pretrained, **dict(dict(
         block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer='cbam')), **kwargs))
 
 
 @register_model
 def cbamresnet101(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-101 with timm's CbamModule in every bottleneck."""
-    return _create('cbamresnet101', pretrained, **dict(dict(
+    return _create_cbam_resnet('cbamresnet101', pretrained, **dict(dict(
         block=Bottleneck, layers=(3, 4, 23, 3), block_args=dict(attn_layer='cbam')), **kwargs))

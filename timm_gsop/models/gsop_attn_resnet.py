@@ -124,7 +124,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     return _convert_checkpoint(state_dict, model)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
+def _create_gsop_attn_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     return build_gsop_model(GSoPAttnResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
@@ -146,36 +146,40 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 @register_model
 def gsopresnet18(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-18 with GSoP in every basic block (d = 64 in the 64-channel stage)."""
-    return _create('gsopresnet18', pretrained, **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs))
+    return _create_gsop_attn_resnet(
+        'gsopresnet18', pretrained, **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs))
 
 
 @register_model
 def gsopresnet34(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-34 with GSoP in every basic block (d = 64 in the 64-channel stage)."""
-    return _create('gsopresnet34', pretrained, **dict(dict(block=BasicBlock, layers=(3, 4, 6, 3)), **kwargs))
+    return _create_gsop_attn_resnet(
+        'gsopresnet34', pretrained, **dict(dict(block=BasicBlock, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet50(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-50 with GSoP in every bottleneck (as SE-ResNet-50)."""
-    return _create('gsopresnet50', pretrained, **dict(dict(block=GSoPBottleneck, layers=(3, 4, 6, 3)), **kwargs))
+    return _create_gsop_attn_resnet(
+        'gsopresnet50', pretrained, **dict(dict(block=GSoPBottleneck, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet101(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-101 with GSoP in every bottleneck."""
-    return _create('gsopresnet101', pretrained, **dict(dict(block=GSoPBottleneck, layers=(3, 4, 23, 3)), **kwargs))
+    return _create_gsop_attn_resnet(
+        'gsopresnet101', pretrained, **dict(dict(block=GSoPBottleneck, layers=(3, 4, 23, 3)), **kwargs))
 
 
 @register_model
 def gsopresnet50d(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNet-50-D (deep stem, average-pool downsample) with GSoP in every bottleneck."""
-    return _create('gsopresnet50d', pretrained, **dict(dict(
+    return _create_gsop_attn_resnet('gsopresnet50d', pretrained, **dict(dict(
         block=GSoPBottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True), **kwargs))
 
 
 @register_model
 def gsopresnext50_32x4d(pretrained: bool = False, **kwargs) -> GSoPAttnResNet:
     """ResNeXt-50 32x4d with GSoP in every bottleneck."""
-    return _create('gsopresnext50_32x4d', pretrained, **dict(dict(
+    return _create_gsop_attn_resnet('gsopresnext50_32x4d', pretrained, **dict(dict(
         block=GSoPBottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4), **kwargs))

@@ -79,7 +79,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
 
 # ---- builders and registrations --------------------------------------------------------------------------
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> ISqrtResNet:
+def _create_isqrt_resnet(variant: str, pretrained: bool = False, **kwargs) -> ISqrtResNet:
     return build_gsop_model(ISqrtResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
@@ -112,10 +112,10 @@ default_cfgs = generate_default_cfgs(with_hub_ids({
 @register_model
 def isqrt_resnet50(pretrained: bool = False, **kwargs) -> ISqrtResNet:
     """iSQRT-COV ResNet-50 (fast-MPN-COV mpncovresnet50): stride-1 layer4, 256-d covariance head, 5 iterations."""
-    return _create('isqrt_resnet50', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
+    return _create_isqrt_resnet('isqrt_resnet50', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
 def isqrt_resnet101(pretrained: bool = False, **kwargs) -> ISqrtResNet:
     """iSQRT-COV ResNet-101 (fast-MPN-COV mpncovresnet101): stride-1 layer4, 256-d head, 5 iterations."""
-    return _create('isqrt_resnet101', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 23, 3)), **kwargs))
+    return _create_isqrt_resnet('isqrt_resnet101', pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 23, 3)), **kwargs))

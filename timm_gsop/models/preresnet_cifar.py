@@ -296,7 +296,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     return _convert_checkpoint(state_dict, model)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> PreResNetCifar:
+def _create_preresnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> PreResNetCifar:
     return build_gsop_model(
         PreResNetCifar, variant, pretrained, filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
@@ -327,18 +327,18 @@ _NET2 = dict(_R164, gsop_stages=(True, True, False), global_pool='isqrt')
 @register_model
 def preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
     """Pre-activation ResNet-164 for CIFAR (32x32, 3 stages of 18 bottlenecks), average pooling."""
-    return _create('preresnet164_cifar', pretrained, **dict(_R164, **kwargs))
+    return _create_preresnet_cifar('preresnet164_cifar', pretrained, **dict(_R164, **kwargs))
 
 
 @register_model
 def gsop_preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
     """GSoP-Net1 on pre-activation ResNet-164 for CIFAR: GSoP (d = 64) in the last block of each stage,
     average pooling (paper: 20.86% CIFAR-100 top-1 error)."""
-    return _create('gsop_preresnet164_cifar', pretrained, **dict(_NET1, **kwargs))
+    return _create_preresnet_cifar('gsop_preresnet164_cifar', pretrained, **dict(_NET1, **kwargs))
 
 
 @register_model
 def gsop2_preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
     """GSoP-Net2 on pre-activation ResNet-164 for CIFAR: GSoP (d = 64) in the last block of stages 1-2,
     iSQRT-COV head (128-d, 3 iterations, 8,256 features) (paper: 18.58% CIFAR-100 top-1 error)."""
-    return _create('gsop2_preresnet164_cifar', pretrained, **dict(_NET2, **kwargs))
+    return _create_preresnet_cifar('gsop2_preresnet164_cifar', pretrained, **dict(_NET2, **kwargs))

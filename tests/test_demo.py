@@ -2,6 +2,8 @@
 first-order ResNet on it, and the exported model reloads through timm with identical predictions."""
 import io
 import json
+import os
+import stat
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import timm
 
 import timm_gsop  # noqa: F401
-from timm_gsop.cli import main
+from timm_gsop_cli import main
 from timm_gsop.demo import DEMO_MODELS, LABEL_NAMES, correlation_images, run_demo
 
 
@@ -94,6 +96,9 @@ def test_demo_command(tmp_path, capsys):
     for model in DEMO_MODELS:
         assert model.name in captured.out
     assert 'OK' in captured.out and (tmp_path / 'demo' / 'model.safetensors').is_file()
+    # the weights get the permissions any file the user writes gets (safetensors alone writes 0600)
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / 'demo' / name).st_mode) for name in ('model.safetensors', 'config.json')}
+    assert modes['model.safetensors'] == modes['config.json']
     assert '100%' in captured.err  # the progress bars
 
 

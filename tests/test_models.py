@@ -11,7 +11,7 @@ from timm.models._features_fx import create_feature_extractor, get_graph_node_na
 
 import timm_gsop
 from timm_gsop import ChannelGSoP, CovarianceGate, GSoPFusion, GSoPResNet, ISqrtCovPool, PositionGSoP
-from timm_gsop.cli import list_gsop_models
+from timm_gsop.zoo import list_gsop_models
 
 MODELS = ['gsop_resnet50', 'gsop_resnet101', 'gsop2_resnet50', 'gsop2_resnet101']
 MANNERS = ['channel', 'position', 'fusion_avg', 'fusion_max', 'fusion_concat']

@@ -10,7 +10,7 @@ import timm
 import timm_gsop  # noqa: F401
 from conftest import distinct_tiny_models, tiny_kwargs
 from timm_gsop import CovarianceGate, ISqrtCovPool
-from timm_gsop.cli import list_gsop_models
+from timm_gsop.zoo import list_gsop_models
 from timm_gsop.layers import second_order
 
 # every registered model, at test size (tiny_kwargs: the same structure), once per distinct network
@@ -221,7 +221,7 @@ def test_torchscript_exporter_onnx_of_every_model(name, tmp_path, monkeypatch):
 
 def test_onnx_cli_torchscript_exporter(tmp_path, capsys):
     pytest.importorskip('onnxruntime', reason='install the test extra: pip install -e .[test]')
-    from timm_gsop.cli import main
+    from timm_gsop_cli import main
     out = tmp_path / 'g.onnx'
     assert main(['onnx', 'gsop2_resnet50', str(out), '--img-size', '64', '64', '--num-classes', '5',
                  '--exporter', 'torchscript', '--model-kwargs', 'layers=(1,1,1,1)', 'channels=(16,32,64,128)']) == 0
@@ -236,14 +236,17 @@ def _onnx_op_types(path):
 
 def test_onnx_cli(tmp_path, capsys):
     pytest.importorskip('onnxruntime', reason='install the test extra: pip install -e .[test]')
-    from timm_gsop.cli import main
+    from timm_gsop_cli import main
     out = tmp_path / 'g.onnx'
     assert main(['onnx', 'gsop_resnet50', str(out), '--img-size', '64', '64', '--num-classes', '5',
-                 '--model-kwargs', 'gsop_manner=fusion_max']) == 0
+                 '--model-kwargs', 'gsop_manner=fusion_max', 'layers=(1,1,1,1)', 'channels=(16,32,64,128)']) == 0
     text = capsys.readouterr().out
     assert out.exists() and 'batch 3: max relative error' in text
-    with pytest.raises(ValueError, match='opset must be >= 17'):
-        main(['onnx', 'gsop_resnet50', str(out), '--opset', '11'])
+    before = out.read_bytes()
+    assert main(['onnx', 'gsop_resnet50', str(out), '--opset', '11']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'timm-gsop onnx: error: opset must be >= 17 (dynamo exporter), got 11'
+    assert out.read_bytes() == before
 
 
 def test_onnx_export_failure_leaves_previous_file(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 import timm
 from timm.models import save_for_hf
 
-from timm_gsop.cli import main
+from timm_gsop_cli import main
 from timm_gsop.recipes import recipe_path
 from timm_gsop.run import run_script
 
@@ -191,3 +191,47 @@ def test_real_train_resume_validate(tmp_path):
          '--checkpoint', str(tmp_path / 'out' / 'e' / 'model_best.pth.tar')],
         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and '"top1"' in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('TIMM_SCRIPTS'), reason='set TIMM_SCRIPTS to a folder with timm\'s train.py, '
+                                                              'benchmark.py and onnx_export.py')
+def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
+    """timm's benchmark.py and onnx_export.py (TorchScript exporter, its default) through `timm-gsop run`, and
+    train.py warm-starting GSoP-Net1 from a plain ResNet-50 file (--pretrained-path, pretrained_strict=False)."""
+    import numpy as np
+    import safetensors.torch
+    from PIL import Image
+    scripts = os.environ['TIMM_SCRIPTS']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    tiny = ['channels=(8,16,32,64)', 'gsop_dim=8']
+    run = subprocess.run(
+        [sys.executable, '-m', 'timm_gsop', 'run', os.path.join(scripts, 'benchmark.py'), '--model', 'gsop2_resnet50',
+         '--model-kwargs', *tiny, '--bench', 'both', '--img-size', '64', '-b', '2', '--device', 'cpu',
+         '--num-warm-iter', '1', '--num-bench-iter', '2', '--results-file', str(tmp_path / 'bench.json')],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'infer_samples_per_sec' in (tmp_path / 'bench.json').read_text()
+    run = subprocess.run(
+        [sys.executable, '-m', 'timm_gsop', 'run', os.path.join(scripts, 'onnx_export.py'), str(tmp_path / 'g.onnx'),
+         '--model', 'gsop2_resnet50', '--img-size', '64', '--check-forward'],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and (tmp_path / 'g.onnx').is_file(), run.stdout[-2000:] + run.stderr[-3000:]
+
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for c in range(2):
+            folder = tmp_path / 'data' / split / f'class{c}'
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    safetensors.torch.save_file(timm.create_model('resnet50', channels=(8, 16, 32, 64)).state_dict(),
+                                str(tmp_path / 'resnet50.safetensors'))
+    run = subprocess.run(
+        [sys.executable, os.path.join(scripts, 'train.py'), str(tmp_path / 'data'), '--device-modules', 'timm_gsop',
+         '--model', 'gsop_resnet50', '--pretrained', '--pretrained-path', str(tmp_path / 'resnet50.safetensors'),
+         '--model-kwargs', 'pretrained_strict=False', *tiny, '--num-classes', '2', '--img-size', '32', '-b', '4',
+         '--epochs', '1', '--device', 'cpu', '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'w'],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'Warm start of gsop_resnet50' in run.stdout + run.stderr and '4 GSoP module(s)' in run.stdout + run.stderr

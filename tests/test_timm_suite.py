@@ -52,7 +52,7 @@ def test_the_plugin_selects_exactly_this_packages_models():
     """The suite really runs on our models (and only on them): collect it and look at the model names."""
     proc = _run_timm_tests('--collect-only')
     assert proc.returncode == 0, _summary(proc)
-    from timm_gsop.cli import list_gsop_models
+    from timm_gsop.zoo import list_gsop_models
     ours = set(list_gsop_models())
     collected = [line for line in proc.stdout.splitlines() if '::test_' in line]
     names = {line.split('[', 1)[1].rstrip(']').split('-')[-1].split('.')[0] for line in collected if '[' in line}

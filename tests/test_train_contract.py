@@ -359,13 +359,13 @@ def dict_ns(args, **overrides):
 
 
 def test_recipes_ship_and_resolve(capsys):
-    from timm_gsop.cli import main
+    from timm_gsop_cli import main
     assert set(list_recipes()) >= {'gsop_resnet50_in1k', 'gsop2_resnet50_in1k', 'gsop_preresnet164_cifar100'}
     assert main(['recipe', 'gsop_resnet50_in1k']) == 0
     path = capsys.readouterr().out.strip()
     assert os.path.isfile(path) and path == recipe_path('gsop_resnet50_in1k.yaml')
     assert main(['recipe']) == 0 and 'gsop2_resnet50_in1k' in capsys.readouterr().out
-    assert main(['recipe', 'nope']) == 1 and 'Unknown recipe' in capsys.readouterr().err
+    assert main(['recipe', 'nope']) == 2 and 'Unknown recipe' in capsys.readouterr().err
 
 
 # ---- precision, memory layout, EMA, checkpointing, compile --------------------------------------------

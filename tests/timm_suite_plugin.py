@@ -18,7 +18,7 @@ import timm
 import timm.models
 
 import timm_gsop  # noqa: F401 (registers the models)
-from timm_gsop.cli import list_gsop_models
+from timm_gsop.zoo import list_gsop_models
 
 OURS = set(list_gsop_models())
 _list_models = timm.list_models

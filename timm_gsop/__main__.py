@@ -1,5 +1,6 @@
+"""``python -m timm_gsop COMMAND``: the same as ``timm-gsop COMMAND``."""
 import sys
 
-from .cli import main
+from timm_gsop_cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks: ``timm-gsop bench``.
+"""Side-by-side benchmarks (``timm-gsop bench``).
 
 All models of one run live in ONE process and are timed interleaved (model A, model B, model A, ...
 after a warm-up), so a ratio against ``--baseline`` compares runs made under the same machine state.
@@ -20,21 +20,28 @@ import torch
 import torch.nn as nn
 import timm
 
-from .cli import count_gflops, count_params, format_table, parse_model_kwargs
+from .zoo import count_gflops, count_params, format_table
 from .layers import second_order
 from .layers.gsop import row_conv
 
-__all__ = ['parse_model_spec', 'bench_models', 'bench_ops', 'check_amp_training', 'add_parser']
+__all__ = ['AMP_DTYPES', 'parse_model_spec', 'bench_models', 'bench_ops', 'check_amp_training', 'format_results',
+           'retain_freed_memory']
 
 
 def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
-    """``'name'`` or ``'name:key=value:key=value'`` (values are Python literals) -> (name, kwargs).
+    """``'name'`` or ``'name:key=value:key=value'`` (values parsed as timm train.py's ``--model-kwargs``:
+    Python literals, else strings) -> (name, kwargs).
 
     e.g. ``gsop_resnet50:gsop_stages=(0,0,0,0)`` is GSoP-Net1's stride-1 backbone without GSoP blocks.
     """
+    from timm.utils import ParseKwargs
     name, *items = spec.split(':')
-    kwargs = parse_model_kwargs(items)
-    return name, kwargs
+    for item in items:
+        if '=' not in item or not item.split('=', 1)[0]:
+            raise ValueError(f'model spec {spec!r}: {item!r} is not key=value')
+    namespace = argparse.Namespace()
+    ParseKwargs(option_strings=[], dest='kwargs')(None, namespace, items)
+    return name, namespace.kwargs
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +61,7 @@ def _pin_malloc_to_mmap() -> None:
         pass
 
 
-def _retain_freed_memory() -> bool:
+def retain_freed_memory() -> bool:
     """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming), as jemalloc or
     tcmalloc would. With glibc's defaults every block-sized tensor is a fresh mmap: on a 2-core VM that is
     50-90k page faults and 100-160 ms of system time per ResNet-50 step at batch 8, noise larger than the
@@ -401,74 +408,4 @@ def format_results(results: List[Dict[str, Any]], ops: Optional[List[Dict[str, A
     return text
 
 
-_AMP = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    malloc = args.malloc
-    if malloc == 'retain' and not _retain_freed_memory():
-        malloc = 'system (retain not supported here)'
-    amp = _AMP[args.amp] if args.amp else None
-    if args.amp_check:
-        reports = [check_amp_training(spec, _AMP[dtype], device=args.device, steps=args.steps, img_size=args.img_size,
-                                      batch_size=args.batch_size[0], channels_last=args.channels_last)
-                   for spec in args.model for dtype in args.amp_check]
-        for r in reports:
-            print(f"{r['model']} {r['amp']}: {r['steps']} steps, non-finite at {r['nonfinite_steps'] or 'none'}, "
-                  f"final loss {r['final_loss']:.3f}, gates {', '.join(r['gate_dtypes'])}")
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(reports, f, indent=2)
-        ok = all(not r['nonfinite_steps'] and r['gate_dtypes'] == ['float32->float32'] for r in reports)
-        print('AMP training check:', 'OK' if ok else 'FAILED')
-        return 0 if ok else 1
-    log = (lambda msg: print(f'[bench] {msg}', file=sys.stderr, flush=True)) if not args.quiet else None
-    results = bench_models(
-        args.model, baseline=args.baseline, batch_sizes=args.batch_size, img_size=args.img_size,
-        modes=args.mode, warmup=args.warmup, steps=args.steps, repeats=args.repeats, device=args.device,
-        channels_last=args.channels_last, compile_model=args.compile, amp_dtype=amp,
-        memory=not args.no_memory, progress=log)
-    ops = bench_ops(repeats=args.repeats) if args.ops else None
-    meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(), 'malloc': malloc,
-            'command': 'timm-gsop ' + ' '.join(sys.argv[1:]) if sys.argv else ''}
-    if args.json:
-        payload = {'meta': meta, 'models': results, 'ops': ops}
-        with open(args.json, 'w') as f:
-            json.dump(payload, f, indent=2)
-    print(f'torch {meta["torch"]}, timm {meta["timm"]}, {meta["threads"]} threads, device {args.device}, '
-          f'malloc {malloc}, {args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
-    print(format_results(results, ops))
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser('bench', help='side-by-side throughput / memory benchmark (one process, interleaved)')
-    p.add_argument('--model', nargs='+', default=['gsop_resnet50', 'gsop_resnet50:gsop_stages=(0,0,0,0)'],
-                   help="model specs: name or name:key=value:... (e.g. 'gsop_resnet50:gsop_stages=(0,0,0,0)')")
-    p.add_argument('--baseline', default=None, help='spec the ratio column is measured against')
-    p.add_argument('--batch-size', type=int, nargs='+', default=[8])
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--mode', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--steps', type=int, default=3, help='steps per timed measurement')
-    p.add_argument('--repeats', type=int, default=5, help='interleaved measurements per model')
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
-    p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--compile', action='store_true', help='torch.compile each model')
-    p.add_argument('--amp', choices=sorted(_AMP), default=None, help='autocast dtype')
-    p.add_argument('--ops', action='store_true', help='also compare the ops with the released formulations')
-    p.add_argument('--amp-check', nargs='+', choices=sorted(_AMP), default=None, metavar='DTYPE',
-                   help='instead of timing: train each model --steps steps under autocast with each DTYPE (fp16 with '
-                        'a GradScaler) and check every loss, output and gradient is finite and the GSoP gates run in '
-                        'float32')
-    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
-    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
-                   help="CPU allocator behaviour while timing: 'retain' keeps freed memory in the process "
-                        "(glibc mallopt, like jemalloc/tcmalloc; no page faults per step), 'system' leaves the "
-                        "C library's defaults. Peak memory is always read in a fresh process.")
-    p.add_argument('--json', help='also write the results as JSON to this file')
-    p.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
-    p.set_defaults(func=_cmd_bench)
+AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}

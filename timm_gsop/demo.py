@@ -26,9 +26,9 @@ backbone is created from the first-order network's weights with
 GSoP modules start function-preserving, so before any step it scores exactly what the first-order network
 scores. It is fine-tuned for a few epochs and shown next to GSoP-Net1 trained from scratch, with wall times.
 """
-import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,11 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import count_params, format_table
+from .zoo import count_params, format_table
 
 __all__ = [
     'DemoModel', 'DEMO_MODELS', 'correlation_images', 'correlation_rule_accuracy', 'train_classifier', 'evaluate',
-    'export_and_reload', 'warm_start_from', 'run_demo', 'add_parser',
+    'export_and_reload', 'warm_start_from', 'run_demo',
 ]
 
 LABEL_NAMES = ('same sign', 'opposite sign')
@@ -182,6 +182,8 @@ def export_and_reload(model: nn.Module, out_dir: str, x: torch.Tensor, image_siz
         data_config=dict(input_size=(3, image_size, image_size), mean=(0., 0., 0.), std=(1., 1., 1.),
                          crop_pct=1.0, interpolation='bilinear'),
     )
+    # safetensors writes its file 0600; give it the permissions config.json got (the user's umask)
+    shutil.copymode(os.path.join(out_dir, 'config.json'), os.path.join(out_dir, 'model.safetensors'))
     source = f'local-dir:{os.path.abspath(out_dir)}'
     reloaded = timm.create_model(source, pretrained=True)
     logits, logits_reloaded = predict(model, x), predict(reloaded, x)
@@ -362,38 +364,3 @@ def _warm_start_section(first_order, spec, rows, x_train, y_train, x_test, y_tes
     say(format_table(('model', 'test acc.', 'time'), table))
     return dict(accuracy_before=before, accuracy_after=after, seconds=seconds, epochs=epochs,
                 params=count_params(model), model=model)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    result = run_demo(
-        epochs=args.epochs, seed=args.seed, out=args.out, train_samples=args.train_samples,
-        test_samples=args.test_samples, image_size=args.image_size, batch_size=args.batch_size,
-        corr=args.corr, progress=not args.no_progress, threads=args.threads, finetune_epochs=args.finetune_epochs)
-    print(f'\nDone in {time.perf_counter() - start:.0f} s.')
-    export = result['export']
-    return 0 if export is None or export['ok'] else 1
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        'demo', help='train GSoP-Nets and a same-size first-order ResNet on CPU (about a minute), export, reload',
-        description=__doc__.split('\n\n', 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--epochs', type=int, default=6, help='epochs per model (default: 6)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the data and of the training (default: 0)')
-    p.add_argument('--out', default='timm-gsop-demo', metavar='DIR',
-                   help='where the GSoP-Net1 model is exported in Hub layout (default: ./timm-gsop-demo)')
-    p.add_argument('--train-samples', type=int, default=3000, metavar='N', help='training images (default: 3000)')
-    p.add_argument('--test-samples', type=int, default=1000, metavar='N', help='test images (default: 1000)')
-    p.add_argument('--image-size', type=int, default=16, metavar='PX', help='image side (default: 16)')
-    p.add_argument('--batch-size', type=int, default=64, help='batch size (default: 64)')
-    p.add_argument('--corr', type=float, default=0.25, metavar='R',
-                   help='magnitude of the two channel correlations (default: 0.25; smaller is harder)')
-    p.add_argument('--threads', type=int, default=1, metavar='N',
-                   help='CPU threads for torch (default: 1; these small networks gain little from more, and on a '
-                        'busy machine several threads per process can be many times slower)')
-    p.add_argument('--finetune-epochs', type=int, default=3, metavar='N',
-                   help='epochs of fine-tuning after the warm start from the first-order network (default: 3; 0: '
-                        'skip the warm start)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
-    p.set_defaults(func=_cmd_demo)

@@ -6,18 +6,14 @@ uses by default). Then, when onnxruntime is installed, the exported graph runs o
 compared with PyTorch. The file is written to a temporary name and renamed, so an interrupted export never
 leaves a partial ``.onnx`` where a good one was.
 """
-import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Sequence, Union
 
 import torch
-import timm
 
-from .cli import parse_model_kwargs
-
-__all__ = ['export_onnx', 'check_onnx', 'add_parser']
+__all__ = ['export_onnx', 'check_onnx']
 
 
 def export_onnx(
@@ -79,48 +75,3 @@ def check_onnx(
         out = torch.from_numpy(session.run(None, {'x': x.numpy()})[0])
         errors[batch] = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
     return errors
-
-
-def _cmd_onnx(args: argparse.Namespace) -> int:
-    kwargs = parse_model_kwargs(args.model_kwargs)
-    if args.checkpoint:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    model = timm.create_model(args.model, **kwargs).eval()
-    channels = model.pretrained_cfg['input_size'][0] if 'in_chans' not in kwargs else kwargs['in_chans']
-    size = tuple(args.img_size) if args.img_size else tuple(model.pretrained_cfg['input_size'][1:])
-    input_size: Tuple[int, ...] = (channels, *size)
-    path = export_onnx(model, args.output, input_size, opset=args.opset, dynamic_batch=not args.static_batch,
-                       exporter=args.exporter)
-    print(f'wrote {path} ({path.stat().st_size / 1e6:.1f} MB), input x: (batch, {", ".join(map(str, input_size))})')
-    if args.no_check:
-        return 0
-    try:
-        errors = check_onnx(model, path, input_size, batch_sizes=(1,) if args.static_batch else (1, 3))
-    except ImportError:
-        print('onnxruntime is not installed: skipped the output check (pip install onnxruntime)')
-        return 0
-    for batch, err in errors.items():
-        print(f'onnxruntime vs torch, batch {batch}: max relative error {err:.2e}')
-    if max(errors.values()) > args.rtol:
-        print(f'error above --rtol {args.rtol}')
-        return 1
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser('onnx', help='export a model to ONNX (dynamic batch) and check it with onnxruntime')
-    p.add_argument('model', help='model name, e.g. gsop_resnet50 (or hf-hub:/local-dir: names)')
-    p.add_argument('output', help='output .onnx file')
-    p.add_argument('--checkpoint', help='weights to load (any checkpoint timm_gsop loads)')
-    p.add_argument('--num-classes', type=int)
-    p.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'))
-    p.add_argument('--opset', type=int, default=18)
-    p.add_argument('--exporter', choices=['dynamo', 'torchscript'], default='dynamo',
-                   help="torch's ONNX exporter: 'dynamo' (needs onnxscript) or 'torchscript' (timm onnx_export.py's default)")
-    p.add_argument('--static-batch', action='store_true', help='fix the batch size to 2')
-    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
-    p.add_argument('--no-check', action='store_true', help='skip the onnxruntime comparison')
-    p.add_argument('--rtol', type=float, default=1e-4, help='max relative error accepted by the check')
-    p.set_defaults(func=_cmd_onnx)

@@ -12,14 +12,13 @@ Under torchrun, launch this module in place of the script::
 
     torchrun --nproc_per_node=8 -m timm_gsop run train.py /data/imagenet --model gsop_resnet50 ...
 """
-import argparse
 import importlib
 import os
 import runpy
 import sys
 from typing import Iterable, Sequence
 
-__all__ = ['run_script', 'add_parser']
+__all__ = ['run_script']
 
 
 def _exit_code(code: object) -> int:
@@ -57,33 +56,3 @@ def run_script(script: str, args: Sequence[str] = (), modules: Iterable[str] = (
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command and command[0] == '--':  # `timm-gsop run -- SCRIPT ...`: the separator is ours
-        command = command[1:]
-    if not command:
-        print('timm-gsop run: missing SCRIPT (usage: timm-gsop run [--import MODULE] SCRIPT [ARGS ...])',
-              file=sys.stderr)
-        return 2
-    return run_script(command[0], command[1:], modules=args.imports)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        'run',
-        help="run a timm script (train.py, validate.py, benchmark.py, ...) with the GSoP models registered",
-        description=(
-            'Import timm_gsop, then run SCRIPT as __main__ with ARGS untouched (as `python SCRIPT ARGS` '
-            'would); the exit status is the script\'s. Example: timm-gsop run validate.py /data/imagenet '
-            '--model gsop_resnet50 --checkpoint model_best.pth.tar'),
-        usage='timm-gsop run [--import MODULE] SCRIPT [ARGS ...]',
-    )
-    p.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
-                   help='also import MODULE before running (repeatable), e.g. a plugin of your own')
-    # one REMAINDER for SCRIPT and its arguments: everything after SCRIPT reaches it untouched ('--', '-h' too)
-    p.add_argument('command', nargs=argparse.REMAINDER, metavar='SCRIPT [ARGS ...]',
-                   help="path of the script (e.g. train.py from the timm repository), then its own arguments")
-    p.set_defaults(func=_cmd_run)
-

@@ -7,12 +7,10 @@
 ``timm-gsop recipe NAME`` prints a recipe's path, for ``train.py --config "$(timm-gsop recipe NAME)"``.
 Command-line options given to ``train.py`` override the recipe's keys.
 """
-import argparse
 import os
-import sys
 from typing import Any, Dict, List
 
-__all__ = ['RECIPE_DIR', 'list_recipes', 'recipe_path', 'load_recipe', 'add_parser']
+__all__ = ['RECIPE_DIR', 'list_recipes', 'recipe_path', 'load_recipe']
 
 RECIPE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,31 +33,3 @@ def load_recipe(name: str) -> Dict[str, Any]:
     import yaml
     with open(recipe_path(name)) as f:
         return yaml.safe_load(f)
-
-
-def _cmd_recipe(args: argparse.Namespace) -> int:
-    if not args.name:
-        for name in list_recipes():
-            print(f'{name}  {recipe_path(name)}')
-        return 0
-    try:
-        path = recipe_path(args.name)
-    except KeyError as e:
-        print(e.args[0], file=sys.stderr)
-        return 1
-    if args.show:
-        with open(path) as f:
-            sys.stdout.write(f.read())
-    else:
-        print(path)
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        'recipe', help="print the path of a training recipe for timm's train.py --config (no NAME: list them)",
-        description='Training recipes for timm\'s train.py: python train.py --device-modules timm_gsop '
-                    '--config "$(timm-gsop recipe gsop_resnet50_in1k)" /data/imagenet')
-    p.add_argument('name', nargs='?', default='', metavar='NAME', help='e.g. gsop_resnet50_in1k')
-    p.add_argument('--show', action='store_true', help="print the recipe's content instead of its path")
-    p.set_defaults(func=_cmd_recipe)

@@ -7,9 +7,11 @@ way the released ``main.py`` does (DataParallel ``module.`` prefix inside
 ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))`` and compares the two
 eval-mode forwards in float64.
 
-Checkpoints are written once per (arch, GSoP mode, manner) and shared between tests (session fixture).
+Checkpoints are written per (arch, GSoP mode, manner); the two most recent are kept for the tests that follow.
 """
+import collections
 import copy
+import gc
 import os
 import re
 import sys
@@ -87,15 +89,21 @@ class OfficialCase:
 pytestmark = pytest.mark.usefixtures('one_thread')  # small float64 forwards gain little from more
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')  # freed after this module
 def official(tmp_path_factory):
-    cache = {}
+    # the two most recent cases only: each holds a float64 ResNet-50/101 and its checkpoint (0.3-0.7 GB), and
+    # all of them at once took this process above 9 GB
+    cache = collections.OrderedDict()
     directory = tmp_path_factory.mktemp('official_checkpoints')
 
     def get(arch: str = 'resnet50', gsop_mode: int = 1, manner: str = 'channel') -> OfficialCase:
         key = (arch, gsop_mode, manner)
         if key not in cache:
+            while len(cache) >= 2:
+                cache.popitem(last=False)
+            gc.collect()
             cache[key] = OfficialCase(arch, gsop_mode, manner, directory)
+        cache.move_to_end(key)
         return cache[key]
 
     return get

@@ -18,6 +18,7 @@ import timm_gsop  # noqa: F401 (registers the models)
 from timm_gsop import ChannelGSoP, CovarianceGate, GSoPFusion, ISqrtCovPool, PositionGSoP, create_gsop
 from timm_gsop.zoo import PAPER_COMPARISON, list_gsop_models
 from timm_gsop_cli import main
+from conftest import tiny_kwargs
 from timm_gsop.models.gsop_attn_resnet import GSoPAttnResNet
 from timm_gsop.models.isqrt_resnet import ISqrtResNet
 from timm_gsop.models.preresnet_cifar import CIFAR100_MEAN, CIFAR100_STD, PreResNetCifar
@@ -250,18 +251,20 @@ def test_forward_intermediates_and_prune(name):
         torch.testing.assert_close(model(x), inter[2])
 
 
-@pytest.mark.parametrize('name', MODELS_FAST_OR_SLOW)
+# TorchScript and fx on the tiny version of every model (same modules and code paths, a fraction of the
+# time); timm's own suite scripts and traces the full-size models with -m slow
+@pytest.mark.parametrize('name', MODELS)
 def test_torchscript(name):
-    model = timm.create_model(name, num_classes=5).eval()
+    model = timm.create_model(name, **tiny_kwargs(name)).eval()
     scripted = torch.jit.script(model)
     x = _small(name)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', MODELS_FAST_OR_SLOW)
+@pytest.mark.parametrize('name', MODELS)
 def test_fx_timm_feature_extractor(name):
-    model = timm.create_model(name, num_classes=5).eval()
+    model = timm.create_model(name, **tiny_kwargs(name)).eval()
     train_nodes, eval_nodes = get_graph_node_names(model)
     fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
     x = _small(name)
@@ -407,7 +410,8 @@ def test_gsopresnet_defaults():
 
 @pytest.mark.parametrize('arch, attn_layer', [('resnet18', create_gsop), ('resnet50d', partial(create_gsop, manner='position'))])
 def test_attn_layer_script_fx_export(arch, attn_layer):
-    model = timm.create_model(arch, block_args=dict(attn_layer=attn_layer), num_classes=4).eval()
+    model = timm.create_model(arch, block_args=dict(attn_layer=attn_layer), num_classes=4, layers=(1, 1, 1, 1),
+                              channels=(32, 64, 128, 256)).eval()
     x = _small(arch)
     with torch.no_grad():
         ref = model(x)

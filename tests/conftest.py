@@ -1,4 +1,6 @@
 """Shared test fixtures."""
+import os
+
 import pytest
 import torch
 
@@ -52,10 +54,52 @@ def distinct_tiny_models(names):
     return out
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Peak memory of the run, for README's claim that no test process goes above 6 GB: this process and the
-    largest subprocess the tests waited for (Linux reports kilobytes)."""
+def _peak_rss_mb() -> tuple:
+    """(this process, the largest subprocess it waited for) peak RSS in MB (Linux reports kilobytes)."""
     import resource
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # the suite runs in two worker processes on CI's two cores (pyproject addopts: -n 2): one thread each, and
+    # for the subprocesses they start, so the workers do not oversubscribe the cores
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
+
+class _WorkerPeaks:
+    """Collects each xdist worker's peak RSS (sent back through ``workeroutput``)."""
+
+    def __init__(self) -> None:
+        self.peaks = []
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        self.peaks.append(node.workeroutput.get('peak_rss_mb', (0, 0)))
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin('xdist') and not hasattr(config, 'workeroutput'):
+        config.pluginmanager.register(_WorkerPeaks(), 'timm_gsop_worker_peaks')
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, 'workeroutput'):  # an xdist worker: report to the controller
+        session.config.workeroutput['peak_rss_mb'] = _peak_rss_mb()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Peak memory of the run, for README's claim about the largest test process: the pytest process (each
+    worker's, under xdist) and the largest subprocess a test waited for."""
+    own, children = _peak_rss_mb()
+    plugin = terminalreporter.config.pluginmanager.get_plugin('timm_gsop_worker_peaks')
+    if plugin is not None and plugin.peaks:
+        own = max(p[0] for p in plugin.peaks)
+        children = max(p[1] for p in plugin.peaks)
     terminalreporter.write_line(f'peak RSS: pytest process {own:.0f} MB, largest subprocess {children:.0f} MB')
+
+
+def pytest_collection_modifyitems(config, items):
+    # the longest file first: under -n 2 --dist loadfile it then runs beside the others instead of after them
+    items.sort(key=lambda item: item.path.name != 'test_timm_suite.py')

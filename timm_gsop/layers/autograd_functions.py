@@ -3,9 +3,10 @@
 Each exists because a measurement showed it saves memory the plain ops cannot (``benchmarks/README.md``):
 
 * :class:`Covariance` keeps its input for backward instead of a centred copy (the ReLU in front of every
-  covariance keeps that tensor anyway): 28 MB less peak training memory for gsop_resnet50 at batch 32;
+  covariance keeps that tensor anyway): 28 MB less peak training memory for gsop_resnet50 at batch 32 (an
+  earlier run);
 * :class:`BatchStats`, :class:`AffineReluConv`, :class:`AffineScaleAdd` let a GSoP bottleneck end keep no copy
-  of its ``bn3`` output (``gsop_fused``): 1.16x -> 1.04x the backbone's peak training memory.
+  of its ``bn3`` output (``gsop_fused``): 1.15x -> 1.04x the backbone's peak training memory at batch 32.
 
 What they support, checked in float64 against plain autograd (``tests/test_autograd.py``): any subset of inputs
 requiring grad, repeated backward over a retained graph, ``create_graph=True`` double backward (every

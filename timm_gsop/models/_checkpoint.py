@@ -395,8 +395,8 @@ def _warm_start_message(model: nn.Module, source: str, started: Sequence[str], m
     others = sorted({k.rsplit('.', 1)[0] for k in missing if k not in started_keys})
     manner = getattr(model, 'gsop_manner', 'channel')
     exact = ('it computes what the source network computed' if manner == 'channel' else
-             f'gsop_manner={manner!r} adds a ReLU the plain block lacks, so its outputs start close to, not equal '
-             "to, the source network's")
+             f'gsop_manner={manner!r} adds a ReLU the plain block lacks, so its outputs are not the source '
+             "network's (its weights are kept, not its function; README: Start from pretrained weights)")
     text = (f'Warm start of {_describe(model)} from {source}: {len(started)} GSoP module(s) had no tensors there and '
             f'were initialised function-preserving (each gate 0.5, the BN it scales doubled): {exact}.')
     if others:

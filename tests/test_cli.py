@@ -147,3 +147,38 @@ def test_the_library_never_imports_the_command_line():
                 text = open(os.path.join(folder, name), encoding='utf-8').read()
                 assert not re.search(r'^\s*(from|import) timm_gsop_cli', text, re.M), name
                 assert 'argparse.ArgumentParser(' not in text and 'add_parser(' not in text, name
+
+
+def _imported_package_modules(path: str, package: str) -> set:
+    """The timm_gsop modules a file imports (absolute or relative), as dotted names under timm_gsop."""
+    import ast
+    tree = ast.parse(open(path, encoding='utf-8').read())
+    here = package.split('.')
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith('timm_gsop'))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - node.level + 1]
+                name = '.'.join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ''
+            if name.startswith('timm_gsop'):
+                found.add(name)
+                found.update(f'{name}.{a.name}' for a in node.names)
+    return found
+
+
+def test_lower_layers_never_import_higher_ones():
+    """ops (layers) -> modules -> model families (models) -> checkpoints / export / cards / push / tools -> CLI."""
+    root = os.path.join(os.path.dirname(os.path.abspath(timm_gsop_cli.__file__)), 'timm_gsop')
+    tools = {f'timm_gsop.{n}' for n in ('zoo', 'checkpoints', 'export', 'cards', 'push', 'onnx_export', 'bench',
+                                         'run', 'recipes', 'demo')}
+    for sub, forbidden in (('layers', {'timm_gsop.models'} | tools), ('models', tools)):
+        folder = os.path.join(root, sub)
+        for name in os.listdir(folder):
+            if name.endswith('.py'):
+                imported = _imported_package_modules(os.path.join(folder, name), f'timm_gsop.{sub}')
+                bad = {m for m in imported if any(m == f or m.startswith(f + '.') for f in forbidden)}
+                assert not bad, f'timm_gsop/{sub}/{name} imports {sorted(bad)} from a higher layer'

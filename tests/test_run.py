@@ -205,16 +205,19 @@ def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
     scripts = os.environ['TIMM_SCRIPTS']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     tiny = ['channels=(8,16,32,64)', 'gsop_dim=8']
+    # benchmark.py logs every num_bench_iter // 5 steps: fewer than 5 divides by zero there
     run = subprocess.run(
         [sys.executable, '-m', 'timm_gsop', 'run', os.path.join(scripts, 'benchmark.py'), '--model', 'gsop2_resnet50',
          '--model-kwargs', *tiny, '--bench', 'both', '--img-size', '64', '-b', '2', '--device', 'cpu',
-         '--num-warm-iter', '1', '--num-bench-iter', '2', '--results-file', str(tmp_path / 'bench.json')],
+         '--num-warm-iter', '1', '--num-bench-iter', '5', '--results-file', str(tmp_path / 'bench.json')],
         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'infer_samples_per_sec' in (tmp_path / 'bench.json').read_text()
+    # onnx_export.py asks for pretrained weights unless given --checkpoint (none are published)
+    safetensors.torch.save_file(timm.create_model('gsop2_resnet50').state_dict(), str(tmp_path / 'g.safetensors'))
     run = subprocess.run(
         [sys.executable, '-m', 'timm_gsop', 'run', os.path.join(scripts, 'onnx_export.py'), str(tmp_path / 'g.onnx'),
-         '--model', 'gsop2_resnet50', '--img-size', '64', '--check-forward'],
+         '--model', 'gsop2_resnet50', '--img-size', '64', '--check-forward', '--checkpoint', str(tmp_path / 'g.safetensors')],
         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and (tmp_path / 'g.onnx').is_file(), run.stdout[-2000:] + run.stderr[-3000:]
 

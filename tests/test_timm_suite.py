@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from get_timm_tests import tests_dir
+from get_timm_tests import tests_dir as timm_tests_dir  # not test-prefixed: pytest would collect it
 
 HERE = Path(__file__).resolve().parent
 SLOW_TESTS = ('test_model_forward_torchscript', 'test_model_forward_fx', 'test_model_backward_fx',
@@ -20,7 +20,7 @@ SLOW_TESTS = ('test_model_forward_torchscript', 'test_model_forward_fx', 'test_m
 
 
 def _run_timm_tests(*selection: str) -> subprocess.CompletedProcess:
-    folder = tests_dir()
+    folder = timm_tests_dir()
     if not (folder / 'test_models.py').is_file():
         pytest.fail(f'timm\'s test suite is not at {folder}: fetch it with `python tests/get_timm_tests.py` '
                     '(README: Install)', pytrace=False)

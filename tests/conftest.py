@@ -41,6 +41,23 @@ def tiny_kwargs(name: str) -> dict:
     return kwargs
 
 
+def write_image_folder(root, counts=(('train', 6), ('validation', 3)), size=(40, 48), seed=0):
+    """A tiny ImageFolder under ``root``: per split, 2 classes (``class_0``, ``class_1``) of random RGB PNGs whose
+    class-numbered channel is saturated, so the label is learnable. Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in counts:
+        for c in range(2):
+            folder = root / split / f'class_{c}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                pixels[..., c] = 255
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
 def distinct_tiny_models(names):
     """``names`` without those whose tiny version is the same network as an earlier one's (e.g. a 101-layer
     model and its 50-layer twin differ only in depth, which :func:`tiny_kwargs` sets)."""

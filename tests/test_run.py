@@ -17,6 +17,7 @@ from timm.models import save_for_hf
 from timm_gsop_cli import main
 from timm_gsop.recipes import recipe_path
 from timm_gsop.run import run_script
+from conftest import write_image_folder
 
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8, gsop_dim=8, num_classes=3)
 
@@ -160,18 +161,8 @@ def test_plugin_import_makes_gsop_names_resolve_in_a_timm_script(tmp_path):
 def test_real_train_resume_validate(tmp_path):
     """timm's own scripts, end to end: train.py with a shipped recipe (--device-modules), resume, validate.py
     through `timm-gsop run`. Opt-in: TIMM_SCRIPTS=/path/to/pytorch-image-models python -m pytest -m slow."""
-    import numpy as np
-    from PIL import Image
     scripts = os.environ['TIMM_SCRIPTS']
-    rng = np.random.default_rng(0)
-    for split in ('train', 'validation'):
-        for c in range(2):
-            folder = tmp_path / 'data' / split / f'class{c}'
-            folder.mkdir(parents=True)
-            for i in range(8):
-                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-                pixels[..., c] = 255
-                Image.fromarray(pixels).save(folder / f'{i}.png')
+    write_image_folder(tmp_path / 'data', counts=(('train', 8), ('validation', 8)), size=(40, 40))
     common = ['--model-kwargs', 'channels=(8,16,32,64)', 'stem_width=8', 'gsop_dim=8', 'gsop_manner=fusion_avg',
               '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0']
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -199,9 +190,7 @@ def test_real_train_resume_validate(tmp_path):
 def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
     """timm's benchmark.py and onnx_export.py (TorchScript exporter, its default) through `timm-gsop run`, and
     train.py warm-starting GSoP-Net1 from a plain ResNet-50 file (--pretrained-path, pretrained_strict=False)."""
-    import numpy as np
     import safetensors.torch
-    from PIL import Image
     scripts = os.environ['TIMM_SCRIPTS']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     tiny = ['channels=(8,16,32,64)', 'gsop_dim=8']
@@ -221,13 +210,7 @@ def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and (tmp_path / 'g.onnx').is_file(), run.stdout[-2000:] + run.stderr[-3000:]
 
-    rng = np.random.default_rng(0)
-    for split in ('train', 'validation'):
-        for c in range(2):
-            folder = tmp_path / 'data' / split / f'class{c}'
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    write_image_folder(tmp_path / 'data', counts=(('train', 4), ('validation', 4)), size=(40, 40))
     safetensors.torch.save_file(timm.create_model('resnet50', channels=(8, 16, 32, 64)).state_dict(),
                                 str(tmp_path / 'resnet50.safetensors'))
     run = subprocess.run(

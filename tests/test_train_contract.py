@@ -16,12 +16,10 @@ import copy
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import timm
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_loader, \
     resolve_data_config
 from timm.layers import convert_sync_batchnorm
@@ -34,6 +32,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs
 import timm_gsop
 from timm_gsop import GSoPFusion, ISqrtCovPool, create_gsop
 from timm_gsop.recipes import list_recipes, load_recipe, recipe_path
+from conftest import write_image_folder
 
 NET1, NET2 = 'gsop_resnet50', 'gsop2_resnet50'
 # 1/8 width: ~0.4M parameters; every GSoP block and the iSQRT-COV head are still there
@@ -201,17 +200,7 @@ def test_initial_checkpoint_and_pretrained_path(tmp_path):
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):
     """A tiny ImageFolder: train/ and validation/, 2 classes, 40x48 RGB PNGs."""
-    root = tmp_path_factory.mktemp('imagefolder')
-    rng = np.random.default_rng(0)
-    for split, count in (('train', 6), ('validation', 3)):
-        for c in range(2):
-            folder = root / split / f'class_{c}'
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-                pixels[..., c] = 255
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
+    return write_image_folder(tmp_path_factory.mktemp('imagefolder'))
 
 
 def test_resolve_data_config_like_train_py():

@@ -59,11 +59,12 @@ def count_activations_and_flops(model: nn.Module, input_size: Sequence[int]) -> 
 
 
 def measure_model(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None,
-                  input_size: Optional[Sequence[int]] = None) -> ModelStats:
+                  input_size: Optional[Sequence[int]] = None, model: Optional[nn.Module] = None) -> ModelStats:
     """Params, GMACs and activations of ``model_name`` built with ``model_kwargs`` (on the meta device)
-    at ``input_size`` (default: its pretrained cfg's), and the shapes its usage examples print."""
+    at ``input_size`` (default: its pretrained cfg's), and the shapes its usage examples print. ``model``:
+    that network already built on the meta device (it is not built again)."""
     kwargs = dict(model_kwargs or {})
-    model = timm.create_model(model_name, device='meta', **kwargs).eval()
+    model = (model or timm.create_model(model_name, device='meta', **kwargs)).eval()
     input_size = tuple(input_size or timm.models.get_model_input_config(model)['input_size'])
     activations, gflops = count_activations_and_flops(model, input_size)
     x = torch.empty((1, *input_size), device='meta')
@@ -368,10 +369,11 @@ def render_card(
     tag = tag or cfg.get('tag') or ''
     full_name = f'{arch}.{tag}' if tag else arch
     model_kwargs = dict(model_kwargs or {})
-    facts = card_facts(full_name, timm.create_model(full_name, device='meta', **model_kwargs))
+    model = timm.create_model(full_name, device='meta', **model_kwargs)
+    facts = card_facts(full_name, model)
     # exported weights: measured at the input size their config.json records (train.py's, if it set one)
     exported_size = (weights.data_config or {}).get('input_size') if weights is not None else None
-    stats = measure_model(full_name, model_kwargs, input_size=exported_size)
+    stats = measure_model(full_name, model_kwargs, input_size=exported_size, model=model)
     # usage examples load the repo of exported weights or an explicit repo, else the registry name (whose
     # pretrained cfg says where its weights are)
     model_ref = f'hf-hub:{repo_id}' if repo_id or weights is not None else full_name

@@ -17,12 +17,12 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 import timm
-from timm.models import clean_state_dict
 
+from .models._checkpoint import checkpoint_entry
 from .zoo import list_gsop_models
 
 __all__ = [
-    'UnsafeCheckpointError', 'CheckpointReadError', 'Checkpoint', 'read_checkpoint', 'clean', 'family_filter',
+    'UnsafeCheckpointError', 'CheckpointReadError', 'Checkpoint', 'read_checkpoint', 'family_filter',
     'kwargs_from_train_args', 'data_config_from_train_args', 'resolve_model_name', 'infer_from_weights',
     'load_into',
 ]
@@ -124,16 +124,9 @@ def _inspect(path: Path, obj: Any) -> Checkpoint:
         raise CheckpointReadError(f'{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict.')
     args = obj.get('args')
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
-    sd = None
-    for key in ('state_dict', 'model'):
-        if isinstance(obj.get(key), Mapping):
-            sd = _tensors(obj[key])
-            break
-    ema = None
-    for key in ('state_dict_ema', 'model_ema'):
-        if isinstance(obj.get(key), Mapping):
-            ema = _tensors(obj[key])
-            break
+    sd, ema = checkpoint_entry(obj), checkpoint_entry(obj, ('state_dict_ema', 'model_ema'))
+    sd = None if sd is None else _tensors(sd)
+    ema = None if ema is None else _tensors(ema)
     if sd is None:
         sd = _tensors(obj)
         container = 'state-dict'
@@ -154,11 +147,6 @@ def _inspect(path: Path, obj: Any) -> Checkpoint:
     return Checkpoint(
         path, container, sd, ema, args, epoch=number('epoch', int), metric=number('metric'),
         best_prec1=number('best_prec1'), arch=obj.get('arch') if isinstance(obj.get('arch'), str) else None)
-
-
-def clean(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """timm's ``clean_state_dict``: DataParallel / DDP ``module.`` and torch.compile ``_orig_mod.`` removed."""
-    return clean_state_dict(dict(state_dict))
 
 
 def family_filter(model_name: str) -> Optional[Callable]:

@@ -26,7 +26,7 @@ from ..layers.gsop import ChannelGSoP, GSoPFusion, PositionGSoP
 from ..layers.second_order import triu_indices_flat
 
 __all__ = [
-    'LAYOUTS', 'CheckpointMismatchError', 'WarmStartWarning', 'unwrap_state_dict', 'detect_layout',
+    'LAYOUTS', 'CheckpointMismatchError', 'WarmStartWarning', 'checkpoint_entry', 'unwrap_state_dict', 'detect_layout',
     'checkpoint_filter_fn', 'fast_mpncov_to_triu_order', 'CheckedLoadMixin', 'load_request', 'warm_start_gsop',
     'gsop_modules',
 ]
@@ -69,14 +69,22 @@ _FAST_MPNCOV_FEATURES: List[Optional[str]] = [
 _FAST_MPNCOV_REPRESENTATION = {'conv_dr_block.0': 'layer_reduce', 'conv_dr_block.1': 'layer_reduce_bn'}
 
 
+def checkpoint_entry(checkpoint: Mapping[str, Any], keys: Sequence[str] = ('state_dict', 'model')
+                     ) -> Optional[Mapping[str, Any]]:
+    """The first of ``keys`` whose value is a mapping (train.py / the released code keep the weights under
+    ``state_dict`` or ``model``, the EMA under ``state_dict_ema`` or ``model_ema``), else None."""
+    for key in keys:
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    return None
+
+
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """The tensors of a state dict or of a training checkpoint's ``state_dict`` / ``model`` entry, with
     wrapper prefixes removed by timm's ``clean_state_dict`` (DataParallel / DDP ``module.``, torch.compile
     ``_orig_mod.``)."""
-    for key in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
+    entry = checkpoint_entry(checkpoint)
+    checkpoint = checkpoint if entry is None else entry
     return clean_state_dict({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
 
 

@@ -136,9 +136,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ok = all(not r['nonfinite_steps'] and r['gate_dtypes'] == ['float32->float32'] for r in reports)
         print('AMP training check:', 'OK' if ok else 'FAILED')
         return 0 if ok else 1
-    malloc = args.malloc
-    if malloc == 'retain' and not bench.retain_freed_memory():
-        malloc = 'system (retain not supported here)'
     log = (lambda msg: print(f'[bench] {msg}', file=sys.stderr, flush=True)) if not args.quiet else None
     results = bench.bench_models(
         args.model, baseline=args.baseline, batch_sizes=args.batch_size, img_size=args.img_size,
@@ -146,13 +143,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, compile_model=args.compile,
         amp_dtype=bench.AMP_DTYPES[args.amp] if args.amp else None, memory=not args.no_memory, progress=log)
     ops = bench.bench_ops(repeats=args.repeats) if args.ops else None
-    meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(), 'malloc': malloc,
+    meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(),
             'command': 'timm-gsop ' + ' '.join(sys.argv[1:]) if sys.argv else ''}
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'meta': meta, 'models': results, 'ops': ops}, f, indent=2)
     print(f'torch {meta["torch"]}, timm {meta["timm"]}, {meta["threads"]} threads, device {args.device}, '
-          f'malloc {malloc}, {args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
+          f'{args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
     print(bench.format_results(results, ops))
     return 0
 
@@ -364,10 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
                         'a GradScaler), check every loss, output and gradient is finite and the GSoP gates run in '
                         'float32')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
-    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
-                   help="CPU allocator while timing: 'retain' keeps freed memory in the process (glibc mallopt, as "
-                        "jemalloc / tcmalloc do; no page faults per step), 'system' leaves the C library's "
-                        'defaults. Peak memory is always read in a fresh process.')
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
     p.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
 

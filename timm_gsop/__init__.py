@@ -5,5 +5,4 @@ works like any timm model.
 """
 from .version import __version__
 from .layers import *  # noqa: F401,F403
-from .models import (  # noqa: F401 (the import registers the models)
-    CheckpointMismatchError, GSoPResNet, WarmStartWarning, WeightsNotAvailableError, checkpoint_filter_fn)
+from .models import *  # noqa: F401,F403 (the import registers the models)

@@ -3,15 +3,12 @@
 All models of one run live in ONE process and are timed interleaved (model A, model B, model A, ...
 after a warm-up), so a ratio against ``--baseline`` compares runs made under the same machine state.
 Reported per model and batch size: inference and train-step (forward + backward + SGD step) images/s
-as median [min, max] over repeats, the median of the per-repeat ratios against the baseline, peak memory
-of a train step, params and GFLOPs. ``--ops`` adds the op-level comparisons against the released code's
+as median [min, max] over repeats, the median of the per-repeat ratios against the baseline, the peak tensor
+memory of a train step, params and GFLOPs. ``--ops`` adds the op-level comparisons against the released code's
 formulations (MxM centring covariance, per-sample iSQRT / triangle loops).
 """
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -22,10 +19,8 @@ import timm
 
 from .zoo import count_gflops, count_params, format_table
 from .layers import second_order
-from .layers.gsop import row_conv
 
-__all__ = ['AMP_DTYPES', 'parse_model_spec', 'bench_models', 'bench_ops', 'check_amp_training', 'format_results',
-           'retain_freed_memory']
+__all__ = ['AMP_DTYPES', 'parse_model_spec', 'bench_models', 'bench_ops', 'check_amp_training', 'format_results']
 
 
 def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
@@ -49,47 +44,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _pin_malloc_to_mmap() -> None:
-    """Make glibc serve every block >= 64 KiB by mmap and unmap it on free (fixed threshold, no trimming
-    heuristics), so the process RSS follows live tensor memory and the peak-RSS reading means something."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
-        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming), as jemalloc or
-    tcmalloc would. With glibc's defaults every block-sized tensor is a fresh mmap: on a 2-core VM that is
-    50-90k page faults and 100-160 ms of system time per ResNet-50 step at batch 8, noise larger than the
-    differences being measured. Returns False where it cannot be applied (not glibc)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL('libc.so.6')
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def _peak_rss_reset() -> Optional[int]:
-    """Reset the process's peak RSS (Linux) and return the current RSS in bytes, or None if unsupported."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return _proc_status('VmRSS')
-    except OSError:
-        return None
-
-
-def _proc_status(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024
-    raise OSError(field)
+def _peak_tensor_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes of CPU tensor memory held during ``fn()`` above what was held before it: the running sum of
+    the allocations and frees torch's profiler records (what ``torch.cuda.max_memory_allocated`` reports on
+    CUDA), independent of how the C library's allocator keeps freed memory."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == '[memory]'), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
 class _Runner:
@@ -133,7 +100,7 @@ class _Runner:
         _sync(self.device)
         return self.batch * steps / (time.perf_counter() - start)
 
-    def peak_train_memory(self) -> Optional[int]:
+    def peak_train_memory(self) -> int:
         """Peak memory of one train step above what was held before it (bytes)."""
         if self.device.type == 'cuda':
             _sync(self.device)
@@ -142,11 +109,7 @@ class _Runner:
             self.train_step()
             _sync(self.device)
             return torch.cuda.max_memory_allocated(self.device) - before
-        before = _peak_rss_reset()
-        if before is None:
-            return None
-        self.train_step()
-        return _proc_status('VmHWM') - before
+        return _peak_tensor_bytes(self.train_step)
 
 
 def _summary(values: Sequence[float]) -> Dict[str, float]:
@@ -210,37 +173,10 @@ def bench_models(
         for batch in batch_sizes:
             for s in specs:
                 progress(f'batch {batch}: peak memory {s}')
-                next(rows)['peak_train_mem_mb'] = _mb(_peak_train_memory_fresh(
-                    s, batch, img_size, device, channels_last, compile_model, amp_dtype))
+                r = _Runner(s, batch, img_size, dev, channels_last, compile_model, amp_dtype)
+                r.train_step()  # optimizer state and compiled code exist before the measured step
+                next(rows)['peak_train_mem_mb'] = _mb(r.peak_train_memory())
     return results
-
-
-def _peak_train_memory_fresh(spec: str, batch: int, img_size: int, device: str, channels_last: bool,
-                             compile_model: bool, amp_dtype: Optional[torch.dtype]) -> Optional[int]:
-    """Peak memory of one train step, measured in a fresh process: a process that has already run other
-    models serves new tensors from memory it holds, which hides them from the RSS."""
-    if torch.device(device).type != 'cpu':
-        r = _Runner(spec, batch, img_size, torch.device(device), channels_last, compile_model, amp_dtype)
-        r.train_step()
-        return r.peak_train_memory()
-    args = json.dumps([spec, batch, img_size, channels_last, compile_model, str(amp_dtype) if amp_dtype else None,
-                       torch.get_num_threads()])
-    code = f'from timm_gsop.bench import _memory_probe; _memory_probe({args!r})'
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f'memory probe for {spec} failed:\n{proc.stderr[-2000:]}')
-    value = json.loads(proc.stdout.strip().splitlines()[-1])
-    return None if value is None else int(value)
-
-
-def _memory_probe(args_json: str) -> None:
-    spec, batch, img_size, channels_last, compile_model, amp, threads = json.loads(args_json)
-    torch.set_num_threads(threads)
-    _pin_malloc_to_mmap()  # before any tensor exists
-    amp_dtype = getattr(torch, amp.replace('torch.', '')) if amp else None
-    r = _Runner(spec, batch, img_size, torch.device('cpu'), channels_last, compile_model, amp_dtype)
-    r.train_step()  # optimizer state exists before the measured step
-    print(json.dumps(r.peak_train_memory()))
 
 
 def _mb(value: Optional[int]) -> Optional[float]:
@@ -330,11 +266,6 @@ def isqrt_triu_per_sample(x: torch.Tensor, num_iters: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def row_conv_grouped(conv: nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The released row-wise convolution: a grouped (N, 1) conv over the matrix as an N x N x 1 image."""
-    return lambda s: conv(s.unsqueeze(-1)).flatten(1)
-
-
 def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int) -> float:
     x = x.detach().requires_grad_()
     start = time.perf_counter()
@@ -345,8 +276,7 @@ def _time_fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
 
 
 def bench_ops(repeats: int = 5, steps: int = 3) -> List[Dict[str, Any]]:
-    """Ours vs the released formulations (and the row conv vs a bmm alternative), forward + backward,
-    interleaved; milliseconds per call."""
+    """Ours vs the released formulations, forward + backward, interleaved; milliseconds per call."""
     gen = torch.Generator().manual_seed(0)
     feats = torch.relu(torch.randn(8, 128, 28, 28, generator=gen))
     a = torch.randn(8, 256, 400, generator=gen)
@@ -357,10 +287,6 @@ def bench_ops(repeats: int = 5, steps: int = 3) -> List[Dict[str, Any]]:
          lambda t: second_order.triu_vectorize(second_order.isqrt(t, 3)),
          lambda t: isqrt_triu_per_sample(t, 3), spd),
     ]
-    conv = nn.Conv2d(128, 512, kernel_size=(128, 1), groups=128)
-    # the row-wise conv: per-row dot products (what the models run) vs the released grouped (N, 1) conv
-    cases.append(('row conv (8,128,128): dot products vs grouped conv', lambda s: row_conv(s, conv.weight, conv.bias),
-                  row_conv_grouped(conv), torch.randn(8, 128, 128, generator=gen)))
     rows = []
     for label, ours, reference, x in cases:
         torch.testing.assert_close(ours(x), reference(x).float(), rtol=1e-3, atol=1e-4)  # same maths

@@ -18,10 +18,12 @@ import torch.nn as nn
 import timm
 import yaml
 
-from .models._cfg import HUB_NAMESPACE, PUBLISHED
 from .zoo import count_gflops, count_params
 
-__all__ = ['ModelStats', 'measure_model', 'count_activations_and_flops', 'describe_model', 'WeightsInfo',
+# the Hugging Face Hub organisation this package's own weights are published under ('<namespace>/<model>.<tag>')
+HUB_NAMESPACE = 'timm-gsop'
+
+__all__ = ['HUB_NAMESPACE', 'ModelStats', 'measure_model', 'count_activations_and_flops', 'describe_model', 'WeightsInfo',
            'cards_dir', 'card_facts', 'dataset_for_tag', 'render_card', 'initialisation_source']
 
 
@@ -422,7 +424,7 @@ def render_card(
                   'fast-mpn-cov': ', in the layout of the fast-MPN-COV code'}
         weights_text = (f'The weights were exported by `timm-gsop export` from `{weights.source}` '
                         f'({weights.description}{epoch}{ema}{layout.get(weights.layout, "")}) to safetensors.')
-    elif full_name in PUBLISHED:
+    elif cfg.get('hf_hub_id'):
         weights_text = f'The weights are published at `hf-hub:{repo_id}`.'
     elif cfg.get('url') or cfg.get('file'):
         weights_text = (f'`pretrained=True` loads the weights published by the original authors '

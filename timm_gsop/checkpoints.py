@@ -3,8 +3,8 @@
 ``read_checkpoint`` accepts timm ``train.py`` checkpoints (with EMA weights and the run's ``args``), checkpoints and
 state dicts of the released GSoP-Net code and of fast-MPN-COV, plain state dicts and safetensors files. Pickles
 are read with ``torch.load(weights_only=True)``, allowing ``argparse.Namespace`` (train.py's ``args``) and
-nothing else: a pickle that would run code is refused. Which layout the tensors use is the model families'
-business (``models._checkpoint.detect_layout``, the one detector).
+nothing else: a pickle that would run code is refused. Which layout the tensors use is the model family's
+business (``models.gsop_resnet.checkpoint_layout``, the one detector).
 """
 import argparse
 import pickle
@@ -12,13 +12,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import timm
 
-from .models._checkpoint import checkpoint_entry
 from .zoo import list_gsop_models
 
 __all__ = [
@@ -66,6 +65,12 @@ def _is_safetensors(path: Path) -> bool:
         head = f.read(9)
     # safetensors: 8-byte little-endian header length, then a JSON object; pickles and zips start otherwise
     return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < (1 << 32)
+
+
+def _entry(checkpoint: Mapping[str, Any], keys: Tuple[str, ...]) -> Optional[Mapping[str, Any]]:
+    """The first of ``keys`` holding a mapping: train.py and the released code keep the weights under
+    ``state_dict`` or ``model``, the EMA under ``state_dict_ema`` or ``model_ema``."""
+    return next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), Mapping)), None)
 
 
 def _tensors(obj: Any) -> Dict[str, torch.Tensor]:
@@ -124,7 +129,7 @@ def _inspect(path: Path, obj: Any) -> Checkpoint:
         raise CheckpointReadError(f'{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict.')
     args = obj.get('args')
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
-    sd, ema = checkpoint_entry(obj), checkpoint_entry(obj, ('state_dict_ema', 'model_ema'))
+    sd, ema = _entry(obj, ('state_dict', 'model')), _entry(obj, ('state_dict_ema', 'model_ema'))
     sd = None if sd is None else _tensors(sd)
     ema = None if ema is None else _tensors(ema)
     if sd is None:

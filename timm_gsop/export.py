@@ -19,11 +19,10 @@ import torch.nn as nn
 import timm
 from timm.models import clean_state_dict
 
-from .cards import WeightsInfo, render_card
+from .cards import HUB_NAMESPACE, WeightsInfo, render_card
 from .checkpoints import Checkpoint, data_config_from_train_args, family_filter, infer_from_weights, \
     kwargs_from_train_args, load_into, read_checkpoint, resolve_model_name
-from .models._cfg import HUB_NAMESPACE
-from .models._checkpoint import detect_layout
+from .models.gsop_resnet import checkpoint_layout
 
 __all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'ExportResult', 'export_checkpoint']
 
@@ -74,7 +73,7 @@ def export_checkpoint(
         raise ValueError(f'{ckpt.path} has no EMA weights (state_dict_ema / model_ema); drop --ema.')
     used_ema = ckpt.ema_state_dict is not None and use_ema is not False
     sd = clean_state_dict(ckpt.ema_state_dict if used_ema else ckpt.state_dict)
-    layout = detect_layout(sd)
+    layout = checkpoint_layout(sd)
     if layout == 'fast-mpn-cov':
         # its triangle vector is ordered differently from GSoP-Net2's: only the iSQRT-COV family converts it
         if not timm.models.split_model_name_tag(name)[0].startswith('isqrt_'):

@@ -7,7 +7,6 @@ import torch
 import timm
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models._cfg import has_published_weights
 
 __all__ = ['list_gsop_models', 'count_params', 'count_gflops', 'format_table', 'published_tags', 'zoo_rows',
            'PAPER_COMPARISON', 'compare_rows']
@@ -47,7 +46,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def published_tags(name: str) -> List[str]:
     """The tags of ``name`` with published weights (what ``timm.list_models(pretrained=True)`` lists)."""
     return [full.split('.', 1)[1] for full in timm.list_models(name, include_tags=True)
-            if '.' in full and has_published_weights(full)]
+            if '.' in full and timm.models.get_pretrained_cfg(full).has_weights]
 
 
 def zoo_rows(pattern: str = '') -> List[Tuple[str, ...]]:

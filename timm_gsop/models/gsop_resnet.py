@@ -1,76 +1,93 @@
-"""GSoP-Net: Global Second-order Pooling Convolutional Networks (ResNet backbones).
+""" GSoP-Net: Global Second-order Pooling Convolutional Networks, on timm's ResNet
 
-Paper: "Global Second-order Pooling Convolutional Networks", Zilin Gao, Jiangtao Xie, Qilong Wang,
-Peihua Li, CVPR 2019 (arXiv:1811.12006). Released code (MIT):
+Paper: "Global Second-order Pooling Convolutional Networks", Zilin Gao, Jiangtao Xie, Qilong Wang, Peihua Li,
+CVPR 2019 (arXiv:1811.12006). Released code (MIT):
 https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks
 
-* GSoP-Net1 (``gsop_resnet*``): a GSoP block in the last bottleneck of each of the four stages, global
-  average pooling, linear classifier.
-* GSoP-Net2 (``gsop2_resnet*``): GSoP blocks in stages 1-3 only, and an iSQRT-COV head (1x1 conv to 256,
-  covariance, 3 Newton-Schulz iterations, 32,896-d triangle vector) before the classifier.
+* GSoP-Net1 (``gsop_resnet*``): a GSoP module in the last bottleneck of each of the four stages, average
+  pooling, linear classifier. GSoP-Net2 (``gsop2_resnet*``): GSoP modules in stages 1-3 only and an iSQRT-COV
+  head (1x1 conv to 256, covariance, 3 Newton-Schulz iterations, 32,896-d triangle vector). Both on a
+  torchvision-style ResNet whose last stage has stride 1 *without* dilation (14x14 final map at 224), as
+  released; timm's ``output_stride=16`` dilates that stage instead, a different network.
+* ``gsopresnet*``: GSoP in every residual block of timm's standard stride-32 ResNet / ResNeXt, as timm's
+  ``seresnet*`` places SE.
+* ``isqrt_resnet*``: iSQRT-COV ("Towards Faster Training of Global Covariance Pooling Networks by Iterative
+  Matrix Square Root Normalization", Li et al., CVPR 2018; https://github.com/jiangtaoxie/fast-MPN-COV), the
+  covariance-pooling baseline: GSoP-Net2 without GSoP modules, 5 iterations.
+* ``cbamresnet*``: timm's ResNet with timm's CBAM in every bottleneck, the attention baseline of the paper's
+  comparison (timm registers SE-ResNet, ``seresnet50``, but no CBAM ResNet).
 
-Both use a torchvision-style ResNet whose last stage has stride 1 *without* dilation (14x14 final map
-at 224x224), as released. timm's ``output_stride=16`` dilates that stage instead: a different network.
+The GSoP module sits in timm's bottleneck attention slot (``block.se``): it scales the ``bn3`` output before the
+residual add, where the released code applies it.
 
-The backbone is timm's own ``ResNet``/``Bottleneck``; the GSoP module sits in the bottleneck's attention
-slot (``block.se``), which is applied to the ``bn3`` output before the residual add, exactly where the
-released code applies it.
+``checkpoint_filter_fn`` loads checkpoints of the released GSoP-Net code and of fast-MPN-COV, and makes a plain
+network's checkpoint (timm's / torchvision's ResNets, iSQRT-COV) an exact warm start: the GSoP modules it has
+no tensors for start function-preserving, so the model first computes what that network computed.
 """
-from typing import Any, Optional, Sequence, Tuple
+import urllib.error
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
-from timm.models import generate_default_cfgs, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_device_dtype
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model, \
+    resolve_pretrained_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..layers.gsop import GSOP_MANNERS, create_gsop
-from ._blocks import GSoPBottleneck, set_fused
-from ._builder import build_gsop_model
-from ._cfg import gsop_cfg, with_hub_ids
-from ._checkpoint import CheckedLoadMixin, CheckpointMismatchError
-from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
-from ._mixins import POOL_TYPES, InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, check_choice, \
-    check_pool_type, init_like_resnet
+from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
+from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
+from ..layers.second_order import triu_indices_flat
 
-__all__ = ['GSoPResNet', 'checkpoint_filter_fn', 'CheckpointMismatchError', 'POOL_TYPES', 'block_out_channels']
+__all__ = ['GSoPResNet', 'WarmStartWarning', 'WeightsNotAvailableError', 'checkpoint_layout']
+
+GSOP_PLACEMENTS = ('last', 'all')  # the last block of each stage (GSoP-Net), or every block (SE-ResNet style)
 
 
-class GSoPResNet(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, ResNet):
-    """timm ``ResNet`` with GSoP blocks, a stride-1 last stage and an optional iSQRT-COV head.
+class WarmStartWarning(UserWarning):
+    """Modules a checkpoint had no tensors for were initialised for a warm start (see ``checkpoint_filter_fn``)."""
 
-    Every timm ``ResNet`` argument is accepted (``block``, ``layers``, ``drop_rate``, ``drop_path_rate``,
-    ``drop_block_rate``, ``in_chans``, ``block_args`` ...). With timm's ``BasicBlock`` the GSoP module reads the
-    block's last BN (``bn2``), as it reads ``bn3`` in a bottleneck. GSoP-specific arguments:
+
+class WeightsNotAvailableError(RuntimeError):
+    """The place a tag's weights are published at could not be reached."""
+
+
+class GSoPResNet(ResNet):
+    """timm ``ResNet`` with GSoP modules, an optional stride-1 last stage and an optional iSQRT-COV head.
+
+    Takes every timm ``ResNet`` argument (``block``, ``layers``, ``channels``, ``stem_type``, ``avg_down``,
+    ``cardinality``, ``drop_rate``, ``drop_path_rate``, ``block_args`` ...). With timm's ``BasicBlock`` a GSoP
+    module reads the block's last BN (``bn2``), as it reads ``bn3`` in a bottleneck.
 
     Args:
-        gsop_manner: GSoP block type, the released code's names: 'channel' (default), 'position',
-            'fusion_avg', 'fusion_max', 'fusion_concat'.
-        gsop_dim: reduced dimension d of the GSoP blocks (paper: 128).
-        gsop_stages: per stage, whether its last block gets a GSoP module (Net1: all four, Net2: 1-3).
+        gsop_manner: GSoP module, the released names: 'channel', 'position', 'fusion_avg', 'fusion_max',
+            'fusion_concat'.
+        gsop_dim: reduced dimension d of the GSoP modules (paper: 128), at most a block's channels.
+        gsop_stages: per stage, whether it gets GSoP modules (GSoP-Net1: all four, GSoP-Net2: 1-3).
+        gsop_placement: 'last' (the last block of each stage, the paper's) or 'all' (every block).
+        gsop_stage1_stride: stride of the first stage's GSoP reduction (released: 2, covariance at 28x28).
         gsop_pool_size: side of the position branch's grid (released: 8).
-        global_pool: 'isqrt' for the iSQRT-COV head, a timm pool type ('avg', ...), or '' for none.
-        isqrt_dim: channels of the iSQRT-COV head's 1x1 reduction (256 -> 32,896 features).
-        isqrt_iters: Newton-Schulz iterations of the iSQRT-COV head (GSoP-Net2: 3).
-        last_stride: stride of the last stage (released: 1, without dilation; 2 gives the usual ResNet).
-        bn_momentum, bn_eps: override every BatchNorm's momentum / eps (timm train.py's --bn-momentum ...).
-        zero_init_last: zero-init each bottleneck's last BN. Off by default: the released code does not,
-            and it would start every GSoP block on an all-zero input.
-        gsop_fused: let :class:`GSoPBottleneck` blocks take their cheaper route where it changes nothing
-            observable (training keeps no copy of ``bn3``'s output; inference adds in place). False: timm's
-            plain ``Bottleneck`` order everywhere.
+        global_pool: 'isqrt' (the iSQRT-COV head), a timm pool type ('avg' ...) or '' (none).
+        isqrt_dim, isqrt_iters: the iSQRT-COV head's reduction (256 -> 32,896 features) and iterations.
+        last_stride: stride of the last stage: 1 without dilation (released GSoP-Net / iSQRT-COV) or 2.
+        bn_momentum, bn_eps: every BatchNorm's momentum / eps (timm train.py's ``--bn-momentum`` ...).
+        zero_init_last: zero-init each block's last BN (off by default, as released: on, every GSoP module
+            starts on an all-zero input).
     """
-    min_input_size: int = 32  # the final map is then 2x2 (stride 16)
 
     def __init__(
             self,
             block: type = Bottleneck,
             layers: Tuple[int, ...] = (3, 4, 6, 3),
             num_classes: int = 1000,
-            in_chans: int = 3,
             global_pool: str = 'avg',
             gsop_manner: str = 'channel',
             gsop_dim: int = 128,
             gsop_stages: Sequence[bool] = (True, True, True, True),
+            gsop_placement: str = 'last',
+            gsop_stage1_stride: int = 2,
             gsop_pool_size: int = 8,
             isqrt_dim: int = 256,
             isqrt_iters: int = 3,
@@ -78,27 +95,23 @@ class GSoPResNet(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, ResNet
             bn_momentum: Optional[float] = None,
             bn_eps: Optional[float] = None,
             zero_init_last: bool = False,
-            gsop_fused: bool = True,
             device=None,
             dtype=None,
             **kwargs: Any,
     ) -> None:
-        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
-        check_pool_type(global_pool)
-        if last_stride not in (1, 2):
-            raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
+        _check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
+        _check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
+        _check_choice('gsop_stage1_stride', gsop_stage1_stride, (1, 2))
+        _check_choice('last_stride', last_stride, (1, 2))
         if len(gsop_stages) != len(layers):
             raise ValueError(f'gsop_stages needs one flag per stage ({len(layers)}), got {tuple(gsop_stages)}')
+        if any(gsop_stages) and (kwargs.get('block_args') or {}).get('attn_layer') is not None:
+            raise ValueError('GSoPResNet places its own GSoP modules in the attention slot; for another attention '
+                             "layer use a timm ResNet (block_args=dict(attn_layer=...)) or gsop_stages=(0, 0, 0, 0)")
         dd = {'device': device, 'dtype': dtype}
-        # build with a parameter-free head first; the real one (maybe iSQRT-COV) is made by _create_head
-        super().__init__(
-            block=block, layers=layers, num_classes=0, in_chans=in_chans, global_pool='avg',
-            zero_init_last=zero_init_last,
-            **kwargs, **dd)
-        self.in_chans = in_chans
+        # a parameter-free head first: the real one (maybe iSQRT-COV) is made by reset_classifier below
+        super().__init__(block=block, layers=layers, num_classes=0, zero_init_last=zero_init_last, **kwargs, **dd)
         self.gsop_manner = gsop_manner
-        self.gsop_dim = gsop_dim
-        self.gsop_stages = tuple(bool(s) for s in gsop_stages)
         self.isqrt_dim = isqrt_dim
         self.isqrt_iters = isqrt_iters
 
@@ -106,98 +119,414 @@ class GSoPResNet(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, ResNet
         if last_stride == 1:
             _remove_stage_stride(stages[-1])
             self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
-
-        for stage_idx, (stage, enabled) in enumerate(zip(stages, self.gsop_stages)):
+        for stage_idx, (stage, enabled) in enumerate(zip(stages, gsop_stages)):
             if not enabled:
                 continue
-            last_block = stage[-1]
-            gsop = create_gsop(
-                block_out_channels(last_block),
-                manner=gsop_manner,
-                dim=gsop_dim,
-                # released code: stride 2 in the first stage, so its covariance is taken at 28x28
-                stride=2 if stage_idx == 0 else 1,
-                pool_size=gsop_pool_size,
-                **dd,
-            )
-            init_like_resnet(gsop)
-            last_block.se = gsop
+            for blk in (stage if gsop_placement == 'all' else stage[-1:]):
+                blk.se = create_gsop(
+                    _block_out_channels(blk), manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
+                    stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
+                init_like_resnet(blk.se)
 
-        self._create_head(num_classes, global_pool)
-        apply_bn_overrides(self, bn_momentum, bn_eps)
-        set_fused(self, gsop_fused)
+        self.reset_classifier(num_classes, global_pool)
+        set_bn_args(self, bn_momentum, bn_eps)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier; the pooling (and a trained iSQRT-COV head) is kept when ``global_pool`` is None or
+        the same."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.num_classes = num_classes
+        pool, self.fc, self.head_hidden_size = create_cov_classifier(
+            self.num_features, num_classes, global_pool, self.isqrt_dim, self.isqrt_iters, **get_device_dtype(self))
+        if not (global_pool == 'isqrt' and isinstance(self.global_pool, ISqrtCovPool)):
+            self.global_pool = pool
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
 
-def block_out_channels(block: nn.Module) -> int:
-    """Output channels of a timm ResNet block (what its attention slot ``se`` sees: bn3's or, in a
-    ``BasicBlock``, bn2's output)."""
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
+
+
+def _block_out_channels(block: nn.Module) -> int:
     if isinstance(block, Bottleneck):
         return block.bn3.num_features
     if isinstance(block, BasicBlock):
         return block.bn2.num_features
-    raise ValueError(f'GSoP blocks need timm Bottleneck or BasicBlock blocks, got {type(block).__name__}')
+    raise ValueError(f'GSoP modules need timm Bottleneck or BasicBlock blocks, got {type(block).__name__}')
 
 
 def _remove_stage_stride(stage: nn.Sequential) -> None:
-    """Make a timm ResNet stage stride 1 without dilation (released GSoP / iSQRT-COV layer4)."""
+    """Make a timm ResNet stage stride 1 without dilation (the released GSoP-Net / iSQRT-COV layer4)."""
     first = stage[0]
-    strided = first.conv1 if isinstance(first, BasicBlock) else first.conv2
-    strided.stride = (1, 1)
+    (first.conv1 if isinstance(first, BasicBlock) else first.conv2).stride = (1, 1)
     first.stride = 1
-    if isinstance(first.aa, nn.Module) and not isinstance(first.aa, nn.Identity):
-        first.aa = nn.Identity()
-    down = first.downsample
-    if down is not None:
-        for i, m in enumerate(down):
-            if isinstance(m, (nn.AvgPool2d,)) or type(m).__name__ == 'AvgPool2dSame':
-                down[i] = nn.Identity()  # avg_down variants: the pool is the stride
-            elif isinstance(m, nn.Conv2d):
-                m.stride = (1, 1)
+    if not isinstance(first.aa, nn.Identity):
+        first.aa = nn.Identity()  # anti-aliased blocks downsample in `aa`
+    for i, m in enumerate(first.downsample or ()):
+        if isinstance(m, nn.AvgPool2d) or type(m).__name__ == 'AvgPool2dSame':
+            first.downsample[i] = nn.Identity()  # avg_down: the pool is the stride
+        elif isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
 
 
-def checkpoint_filter_fn(state_dict, model: nn.Module):
-    """Convert a checkpoint to this model's names: this package's / timm's / torchvision's layout, the released
-    GSoP-Net code's (``main.py``'s ``model_best.pth.tar`` or a bare state dict) or fast-MPN-COV's (classifier
-    columns reordered). Transforms only; ``pretrained_strict`` decides about missing tensors (``_checkpoint``)."""
-    return _convert_checkpoint(state_dict, model)
+def set_bn_args(model: nn.Module, momentum: Optional[float] = None, eps: Optional[float] = None) -> None:
+    """timm train.py's ``--bn-momentum`` / ``--bn-eps``: set them on every BatchNorm (None keeps each)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = m.momentum if momentum is None else momentum
+            m.eps = m.eps if eps is None else eps
 
 
-# ---- builders and registrations ------------------------------------------------------------------------
+def init_like_resnet(module: nn.Module) -> None:
+    """timm ResNet's (and the released code's) init, for modules added after the network was built."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+# released Bottleneck attribute -> (branch, our name in the GSoP module); branch None: the fusion's own
+_RELEASED_BLOCK_KEYS = {
+    'conv_for_DR': ('channel', 'conv_reduce'),
+    'bn_for_DR': ('channel', 'bn_reduce'),
+    'row_bn': ('channel', 'gate.bn_row'),
+    'row_conv_group': ('channel', 'gate.conv_row'),
+    'fc_adapt_channels': ('channel', 'gate.conv_expand'),
+    'conv_for_DR_spatial': ('position', 'conv_reduce'),
+    'bn_for_DR_spatial': ('position', 'bn_reduce'),
+    'row_bn_for_spatial': ('position', 'gate.bn_row'),
+    'row_conv_group_for_spatial': ('position', 'gate.conv_row'),
+    'fc_adapt_channels_for_spatial': ('position', 'gate.conv_expand'),
+    'dilate_conv_for_concat1': (None, 'concat_channel'),
+    'dilate_conv_for_concat2': (None, 'concat_position'),
+    'bn_for_concat': (None, 'concat_bn'),
+}
+# the covariance head, named alike by the released GSoP-Net code and fast-MPN-COV's MPNCOVResNet
+_HEAD_KEYS = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'global_pool.bn_reduce'}
+# fast-MPN-COV main.py: `features` is nn.Sequential(*MPNCOVResNet children), `representation`, `classifier`
+_FAST_MPNCOV_FEATURES = ('conv1', 'bn1', None, None, 'layer1', 'layer2', 'layer3', 'layer4', 'layer_reduce',
+                         'layer_reduce_bn')
+_FAST_MPNCOV_REPRESENTATION = {'conv_dr_block.0': 'layer_reduce', 'conv_dr_block.1': 'layer_reduce_bn'}
+
+
+def checkpoint_layout(state_dict: Mapping[str, Any]) -> str:
+    """Which code named a (cleaned) state dict's keys: 'released-gsop' (the released GSoP-Net code),
+    'fast-mpn-cov' (fast-MPN-COV, its covariance head or its main.py's `features` / `representation`) or 'timm'."""
+    if any(len(p) >= 4 and p[0].startswith('layer') and p[2] in _RELEASED_BLOCK_KEYS
+           for p in (k.split('.') for k in state_dict)):
+        return 'released-gsop'
+    if any(k.split('.')[0] in ('features', 'representation', 'classifier', *_HEAD_KEYS) for k in state_dict):
+        return 'fast-mpn-cov'
+    return 'timm'
+
+
+def _rename_head(key: str) -> str:
+    first, _, rest = key.partition('.')
+    return f'{_HEAD_KEYS[first]}.{rest}' if first in _HEAD_KEYS else key
+
+
+def _released_gsop_to_timm(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split('.')
+        if len(parts) >= 4 and parts[0].startswith('layer') and parts[2] in _RELEASED_BLOCK_KEYS:
+            branch, name = _RELEASED_BLOCK_KEYS[parts[2]]
+            try:
+                gsop = model.get_submodule('.'.join(parts[:2] + ['se']))
+            except AttributeError:
+                gsop = None
+            # a fusion module holds both branches, a single-branch module is the branch itself
+            fusion = gsop is None or isinstance(gsop, GSoPFusion)
+            key = '.'.join(parts[:2] + ['se', f'{branch}.{name}' if branch and fusion else name] + parts[3:])
+        out[_rename_head(key)] = value
+    return out
+
+
+def fast_mpncov_to_triu_order(dim: int) -> torch.Tensor:
+    """Index ``p`` with ``ours = theirs[..., p]`` for the triangle vector of a ``dim x dim`` symmetric matrix:
+    fast-MPN-COV reads the upper triangle row by row, this package (as the GSoP release) the lower one."""
+    upper = torch.triu_indices(dim, dim)
+    position = torch.full((dim * dim,), -1, dtype=torch.long)
+    position[upper[0] * dim + upper[1]] = torch.arange(upper.shape[1])
+    ours = triu_indices_flat(dim)
+    return position[(ours % dim) * dim + ours // dim]  # our (i, j), j <= i, is their (j, i)
+
+
+def _fast_mpncov_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split('.')
+        if parts[0] == 'features':
+            parts = parts[2:] if parts[1] == 'module' else parts[1:]  # DataParallel around `features`
+            idx = int(parts[0]) if parts[0].isdigit() else -1
+            name = _FAST_MPNCOV_FEATURES[idx] if 0 <= idx < len(_FAST_MPNCOV_FEATURES) else None
+            key = '.'.join([name] + parts[1:]) if name else key
+        elif parts[0] == 'representation' and '.'.join(parts[1:3]) in _FAST_MPNCOV_REPRESENTATION:
+            key = '.'.join([_FAST_MPNCOV_REPRESENTATION['.'.join(parts[1:3])]] + parts[3:])
+        elif parts[0] == 'classifier':
+            key = '.'.join(['fc'] + parts[1:])
+        out[_rename_head(key)] = value
+    reduce_w, fc_w = out.get('global_pool.conv_reduce.weight'), out.get('fc.weight')
+    if reduce_w is not None and fc_w is not None and fc_w.shape[-1] == reduce_w.shape[0] * (reduce_w.shape[0] + 1) // 2:
+        out['fc.weight'] = fc_w[:, fast_mpncov_to_triu_order(reduce_w.shape[0])].contiguous()
+    return out
+
+
+def _gsop_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """``(name, GSoP module, name of the module whose output it scales)`` for each GSoP module in a block."""
+    out = []
+    for name, block in model.named_modules():
+        gsop = getattr(block, 'se', None)
+        if isinstance(gsop, (ChannelGSoP, PositionGSoP, GSoPFusion)):
+            # timm's Bottleneck scales bn3, BasicBlock bn2; other blocks name it (the CIFAR block: conv3)
+            host = 'bn3' if isinstance(block, Bottleneck) else 'bn2' if isinstance(block, BasicBlock) else \
+                getattr(block, 'gsop_input', None)
+            prefix = f'{name}.' if name else ''
+            out.append((f'{prefix}se', gsop, f'{prefix}{host}' if host else ''))
+    return out
+
+
+def _describe_source(model: nn.Module) -> str:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if cfg.get('state_dict') is not None:
+        return 'the state dict given'
+    return cfg.get('file') or cfg.get('url') or (f"hf-hub:{cfg['hf_hub_id']}" if cfg.get('hf_hub_id') else
+                                                 'the state dict given')
+
+
+def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Complete a plain network's state dict for ``model``: the model's own initialisation for the GSoP modules,
+    the covariance head and the classifier it has no tensors for, each GSoP module's gate starting at exactly 0.5
+    and the module it scales doubled (``2y * 0.5 == y``), so the model computes what that network computed."""
+    own = model.state_dict()
+    started = []
+    for name, gsop, host in _gsop_modules(model):
+        keys = [f'{name}.{k}' for k in gsop.state_dict()]
+        host_keys = [f'{host}.{k}' for k, _ in model.get_submodule(host).named_parameters()] if host else []
+        if any(k in state_dict for k in keys if not k.endswith('num_batches_tracked')) or \
+                not host_keys or not all(k in state_dict for k in host_keys):
+            continue
+        state_dict.update({k: own[k] for k in keys})
+        for k in keys:
+            if '.gate.conv_expand.' in f'.{k}':  # the gate's last layer: sigmoid(0) = 0.5
+                state_dict[k] = torch.zeros_like(own[k])
+        state_dict.update({k: state_dict[k] * 2 for k in host_keys})
+        started.append(name)
+    new = {k: v for k, v in own.items() if k not in state_dict and k.startswith(('global_pool.', 'fc.'))}
+    if not started and not new:
+        return state_dict
+    state_dict.update(new)
+    manner = getattr(model, 'gsop_manner', 'channel')
+    same = 'it computes what the source network computed' if manner == 'channel' else (
+        f"gsop_manner={manner!r} adds a ReLU the plain block lacks, so the source network's weights are kept, not "
+        'its function')
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
+    text = f'Warm start of {name} from {_describe_source(model)}: '
+    if started:
+        text += (f'{len(started)} GSoP module(s) had no tensors there and were initialised function-preserving '
+                 f'(each gate 0.5, the module it scales doubled): {same}. ')
+    if new:
+        modules = sorted({k.rsplit('.', 1)[0] for k in new})
+        text += f'Newly initialised (not in the checkpoint, or trained for another head): {", ".join(modules)}.'
+    warnings.warn(text.strip(), WarmStartWarning, stacklevel=3)
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert a checkpoint to ``model``'s names.
+
+    Accepts timm's / torchvision's / this package's layout, the released GSoP-Net code's (``main.py``'s
+    ``model_best.pth.tar`` or a bare state dict, with or without DataParallel's ``module.``) and fast-MPN-COV's
+    (its published files and ``main.py`` checkpoints; the classifier's columns reordered to this package's
+    triangle order). A training checkpoint's ``state_dict`` / ``model`` entry is taken. A covariance head the model
+    does not have is left out, and with it a classifier trained on another head's features. A plain network's
+    checkpoint becomes a warm start (``_warm_start``, announced by a ``WarmStartWarning``). Transforms only:
+    ``load_state_dict`` checks what remains.
+    """
+    for key in ('state_dict', 'model'):
+        if isinstance(state_dict.get(key), Mapping):
+            state_dict = state_dict[key]
+            break
+    state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    layout = checkpoint_layout(state_dict)
+    if layout == 'released-gsop':
+        state_dict = _released_gsop_to_timm(state_dict, model)
+    elif layout == 'fast-mpn-cov':
+        state_dict = _fast_mpncov_to_timm(state_dict)
+    has_head = any(k.startswith('global_pool.') for k in state_dict)
+    if has_head != isinstance(getattr(model, 'global_pool', None), ISqrtCovPool):
+        # the classifier was trained on another head's features (2048-d average vs 32,896-d covariance)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('global_pool.', 'fc.'))}
+    return _warm_start(state_dict, model)
+
 
 def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
-    return build_gsop_model(GSoPResNet, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
+    try:
+        return build_model_with_cfg(
+            GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    except urllib.error.URLError as e:  # the authors' own servers: say where else their weights are
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        notes = ' '.join(cfg.notes or ())
+        raise WeightsNotAvailableError(f'Could not download the weights of {variant} from {cfg.url}: {e}. {notes}') from e
 
 
-default_cfgs = generate_default_cfgs(with_hub_ids({
-    'gsop_resnet50.in1k': gsop_cfg(),
-    'gsop_resnet101.in1k': gsop_cfg(),
-    'gsop2_resnet50.in1k': gsop_cfg(),
-    'gsop2_resnet101.in1k': gsop_cfg(),
-}))
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',  # the released evaluation: resize 256, centre crop 224
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'mit',
+        'paper_ids': 'arXiv:1811.12006', 'paper_name': 'Global Second-order Pooling Convolutional Networks',
+        'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
+        **kwargs,
+    }
 
-_NET1 = dict(block=GSoPBottleneck, gsop_stages=(True, True, True, True), global_pool='avg')
-_NET2 = dict(block=GSoPBottleneck, gsop_stages=(True, True, True, False), global_pool='isqrt', isqrt_dim=256, isqrt_iters=3)
+
+def _isqrt_cfg(**kwargs) -> Dict[str, Any]:
+    return _cfg(
+        paper_ids='arXiv:1712.01034', origin_url='https://github.com/jiangtaoxie/fast-MPN-COV',
+        paper_name='Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root '
+                   'Normalization',
+        **kwargs)
+
+
+_ISQRT_NOTE = (
+    'The authors link the file from https://github.com/jiangtaoxie/fast-MPN-COV (Google Drive / Baidu) when this '
+    'url is unreachable: download it by hand and pass pretrained_cfg_overlay=dict(file=PATH), or convert it to '
+    'a Hub folder with `timm-gsop export PATH --model {model} --out DIR`.')
+
+default_cfgs = generate_default_cfgs({
+    'gsop_resnet50.in1k': _cfg(),
+    'gsop_resnet101.in1k': _cfg(),
+    'gsop2_resnet50.in1k': _cfg(),
+    'gsop2_resnet101.in1k': _cfg(),
+    'gsopresnet18.in1k': _cfg(pool_size=(7, 7)),
+    'gsopresnet34.in1k': _cfg(pool_size=(7, 7)),
+    'gsopresnet50.in1k': _cfg(pool_size=(7, 7)),
+    'gsopresnet101.in1k': _cfg(pool_size=(7, 7)),
+    'gsopresnet50d.in1k': _cfg(pool_size=(7, 7), first_conv='conv1.0'),
+    'gsopresnext50_32x4d.in1k': _cfg(pool_size=(7, 7)),
+    'isqrt_resnet50.mpncov_in1k': _isqrt_cfg(
+        url='http://jtxie.com/models/mpncovresnet50-15991845.pth', notes=(_ISQRT_NOTE.format(model='isqrt_resnet50'),)),
+    'isqrt_resnet101.mpncov_in1k': _isqrt_cfg(
+        url='http://jtxie.com/models/mpncovresnet101-ade9737a.pth',
+        notes=(_ISQRT_NOTE.format(model='isqrt_resnet101'),)),
+    'cbamresnet50.in1k': _cfg(
+        pool_size=(7, 7), paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
+        origin_url='https://github.com/huggingface/pytorch-image-models'),
+    'cbamresnet101.in1k': _cfg(
+        pool_size=(7, 7), paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
+        origin_url='https://github.com/huggingface/pytorch-image-models'),
+})
+
+# GSoP-Net1 / GSoP-Net2 as released; GSoP in every block of timm's ResNet; iSQRT-COV; timm's CBAM ResNet
+_NET1 = dict(gsop_stages=(1, 1, 1, 1), global_pool='avg')
+_NET2 = dict(gsop_stages=(1, 1, 1, 0), global_pool='isqrt', isqrt_iters=3)
+_ATTN = dict(gsop_placement='all', last_stride=2)
+_ISQRT = dict(gsop_stages=(0, 0, 0, 0), global_pool='isqrt', isqrt_iters=5)
+_CBAM = dict(gsop_stages=(0, 0, 0, 0), last_stride=2, zero_init_last=True, block_args=dict(attn_layer='cbam'))
 
 
 @register_model
 def gsop_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net1, ResNet-50: GSoP in the last block of all 4 stages, average pooling."""
-    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(dict(_NET1, layers=(3, 4, 6, 3)), **kwargs))
+    model_args = dict(_NET1, layers=(3, 4, 6, 3))
+    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net1, ResNet-101: GSoP in the last block of all 4 stages, average pooling."""
-    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(dict(_NET1, layers=(3, 4, 23, 3)), **kwargs))
+    model_args = dict(_NET1, layers=(3, 4, 23, 3))
+    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop2_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net2, ResNet-50: GSoP in stages 1-3, iSQRT-COV head (256-d, 3 iterations)."""
-    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(dict(_NET2, layers=(3, 4, 6, 3)), **kwargs))
+    model_args = dict(_NET2, layers=(3, 4, 6, 3))
+    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop2_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net2, ResNet-101: GSoP in stages 1-3, iSQRT-COV head (256-d, 3 iterations)."""
-    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(dict(_NET2, layers=(3, 4, 23, 3)), **kwargs))
+    model_args = dict(_NET2, layers=(3, 4, 23, 3))
+    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsopresnet18(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-18 with GSoP in every basic block (d = 64 in the 64-channel stage)."""
+    model_args = dict(_ATTN, block=BasicBlock, layers=(2, 2, 2, 2))
+    return _create_gsop_resnet('gsopresnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsopresnet34(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-34 with GSoP in every basic block (d = 64 in the 64-channel stage)."""
+    model_args = dict(_ATTN, block=BasicBlock, layers=(3, 4, 6, 3))
+    return _create_gsop_resnet('gsopresnet34', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsopresnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-50 with GSoP in every bottleneck, as SE-ResNet-50 places SE."""
+    model_args = dict(_ATTN, layers=(3, 4, 6, 3))
+    return _create_gsop_resnet('gsopresnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsopresnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-101 with GSoP in every bottleneck."""
+    model_args = dict(_ATTN, layers=(3, 4, 23, 3))
+    return _create_gsop_resnet('gsopresnet101', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsopresnet50d(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-50-D (deep stem, average-pool downsample) with GSoP in every bottleneck."""
+    model_args = dict(_ATTN, layers=(3, 4, 6, 3), stem_width=32, stem_type='deep', avg_down=True)
+    return _create_gsop_resnet('gsopresnet50d', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsopresnext50_32x4d(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNeXt-50 32x4d with GSoP in every bottleneck."""
+    model_args = dict(_ATTN, layers=(3, 4, 6, 3), cardinality=32, base_width=4)
+    return _create_gsop_resnet('gsopresnext50_32x4d', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def isqrt_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """iSQRT-COV ResNet-50 (fast-MPN-COV mpncovresnet50): stride-1 layer4, 256-d covariance head, 5 iterations."""
+    model_args = dict(_ISQRT, layers=(3, 4, 6, 3))
+    return _create_gsop_resnet('isqrt_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def isqrt_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """iSQRT-COV ResNet-101 (fast-MPN-COV mpncovresnet101): stride-1 layer4, 256-d covariance head, 5 iterations."""
+    model_args = dict(_ISQRT, layers=(3, 4, 23, 3))
+    return _create_gsop_resnet('isqrt_resnet101', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cbamresnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-50 with timm's CbamModule in every bottleneck (timm's defaults, as its seresnet50)."""
+    model_args = dict(_CBAM, layers=(3, 4, 6, 3))
+    return _create_gsop_resnet('cbamresnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cbamresnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
+    """ResNet-101 with timm's CbamModule in every bottleneck."""
+    model_args = dict(_CBAM, layers=(3, 4, 23, 3))
+    return _create_gsop_resnet('cbamresnet101', pretrained, **dict(model_args, **kwargs))

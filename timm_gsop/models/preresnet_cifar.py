@@ -31,21 +31,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import DropPath, get_device_dtype
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 
+from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from ._builder import build_gsop_model
-from ._cfg import gsop_cfg, with_hub_ids
-from ._checkpoint import CheckedLoadMixin
-from ._checkpoint import checkpoint_filter_fn as _convert_checkpoint
-from ._mixins import InputCheckMixin, SecondOrderHeadMixin, apply_bn_overrides, check_choice, check_pool_type, \
-    init_like_resnet
-from .gsop_attn_resnet import GSOP_PLACEMENTS
+from .gsop_resnet import GSOP_PLACEMENTS, checkpoint_filter_fn, init_like_resnet, set_bn_args
 
-__all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'checkpoint_filter_fn', 'CIFAR100_MEAN', 'CIFAR100_STD']
+__all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -99,7 +93,7 @@ class PreActBottleneckCifar(nn.Module):
         return self.drop_path(x) + shortcut
 
 
-class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn.Module):
+class PreResNetCifar(nn.Module):
     """Pre-activation bottleneck ResNet for 32x32 inputs, with optional GSoP blocks and iSQRT-COV head.
 
     Args:
@@ -115,7 +109,6 @@ class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn
         last_stride: stride of the last stage (2: standard 8x8 final map at 32x32).
         bn_momentum, bn_eps: override every BatchNorm's momentum / eps.
     """
-    min_input_size: int = 8  # final map 2x2 (stride 4)
 
     def __init__(
             self,
@@ -143,23 +136,20 @@ class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
-        check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
-        check_pool_type(global_pool)
+        for name, value, choices in (('gsop_manner', gsop_manner, GSOP_MANNERS), ('last_stride', last_stride, (1, 2)),
+                                     ('gsop_placement', gsop_placement, GSOP_PLACEMENTS),
+                                     ('gsop_stage1_stride', gsop_stage1_stride, (1, 2))):
+            if value not in choices:
+                raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
         if not (len(layers) == len(channels) == len(gsop_stages) == 3):
             raise ValueError(
                 f'layers, channels and gsop_stages need one entry per stage (3 stages), got {tuple(layers)}, '
                 f'{tuple(channels)}, {tuple(gsop_stages)}')
-        if last_stride not in (1, 2):
-            raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
-        if gsop_stage1_stride not in (1, 2):
-            raise ValueError(f'gsop_stage1_stride must be 1 or 2, got {gsop_stage1_stride!r}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.gsop_manner = gsop_manner
-        self.gsop_stages = tuple(bool(s) for s in gsop_stages)
         self.isqrt_dim = isqrt_dim
         self.isqrt_iters = isqrt_iters
 
@@ -190,18 +180,17 @@ class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn
         self.fc = nn.Identity()
 
         init_like_resnet(self)
-        for stage_idx, (name, enabled) in enumerate(zip(self.stage_names, self.gsop_stages)):
+        for stage_idx, (name, enabled) in enumerate(zip(self.stage_names, gsop_stages)):
             if not enabled:
                 continue
             stage = getattr(self, name)
-            for blk in (list(stage) if gsop_placement == 'all' else [stage[-1]]):
-                gsop = create_gsop(
+            for blk in (stage if gsop_placement == 'all' else stage[-1:]):
+                blk.se = create_gsop(
                     blk.out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
                     stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
-                init_like_resnet(gsop)
-                blk.se = gsop
-        self._create_head(num_classes, global_pool)
-        apply_bn_overrides(self, bn_momentum, bn_eps)
+                init_like_resnet(blk.se)
+        self.reset_classifier(num_classes, global_pool)
+        set_bn_args(self, bn_momentum, bn_eps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -216,6 +205,19 @@ class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier; the pooling (and a trained iSQRT-COV head) is kept when ``global_pool`` is None or
+        the same."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.num_classes = num_classes
+        pool, self.fc, self.head_hidden_size = create_cov_classifier(
+            self.num_features, num_classes, global_pool, self.isqrt_dim, self.isqrt_iters, **get_device_dtype(self))
+        if not (global_pool == 'isqrt' and isinstance(self.global_pool, ISqrtCovPool)):
+            self.global_pool = pool
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_intermediates(
             self,
@@ -288,57 +290,59 @@ class PreResNetCifar(CheckedLoadMixin, InputCheckMixin, SecondOrderHeadMixin, nn
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
 
-
-def checkpoint_filter_fn(state_dict, model: nn.Module):
-    """Unwrap a training checkpoint (``state_dict`` / ``model`` entry, ``module.`` / ``_orig_mod.`` prefixes)
-    and name its tensors as this model's. Transforms only; ``pretrained_strict`` decides about missing ones."""
-    return _convert_checkpoint(state_dict, model)
 
 
 def _create_preresnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> PreResNetCifar:
-    return build_gsop_model(
-        PreResNetCifar, variant, pretrained, filter_fn=checkpoint_filter_fn,
+    return build_model_with_cfg(
+        PreResNetCifar, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return gsop_cfg(**{
-        'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        **kwargs})
+    return {
+        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
+        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'mit',
+        'paper_ids': 'arXiv:1811.12006', 'paper_name': 'Global Second-order Pooling Convolutional Networks',
+        'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
+        **kwargs,
+    }
 
 
-default_cfgs = generate_default_cfgs(with_hub_ids({
+default_cfgs = generate_default_cfgs({
     'preresnet164_cifar.cifar100': _cfg(
         paper_ids='arXiv:1603.05027', paper_name='Identity Mappings in Deep Residual Networks',
         origin_url='https://github.com/KaimingHe/resnet-1k-layers'),
     'gsop_preresnet164_cifar.cifar100': _cfg(),
     'gsop2_preresnet164_cifar.cifar100': _cfg(),
-}))
+})
 
 _R164 = dict(layers=(18, 18, 18), channels=(16, 32, 64))
-_NET1 = dict(_R164, gsop_stages=(True, True, True), global_pool='avg')
-_NET2 = dict(_R164, gsop_stages=(True, True, False), global_pool='isqrt')
 
 
 @register_model
 def preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
     """Pre-activation ResNet-164 for CIFAR (32x32, 3 stages of 18 bottlenecks), average pooling."""
-    return _create_preresnet_cifar('preresnet164_cifar', pretrained, **dict(_R164, **kwargs))
+    model_args = dict(_R164)
+    return _create_preresnet_cifar('preresnet164_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop_preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
     """GSoP-Net1 on pre-activation ResNet-164 for CIFAR: GSoP (d = 64) in the last block of each stage,
     average pooling (paper: 20.86% CIFAR-100 top-1 error)."""
-    return _create_preresnet_cifar('gsop_preresnet164_cifar', pretrained, **dict(_NET1, **kwargs))
+    model_args = dict(_R164, gsop_stages=(1, 1, 1), global_pool='avg')
+    return _create_preresnet_cifar('gsop_preresnet164_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop2_preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
     """GSoP-Net2 on pre-activation ResNet-164 for CIFAR: GSoP (d = 64) in the last block of stages 1-2,
     iSQRT-COV head (128-d, 3 iterations, 8,256 features) (paper: 18.58% CIFAR-100 top-1 error)."""
-    return _create_preresnet_cifar('gsop2_preresnet164_cifar', pretrained, **dict(_NET2, **kwargs))
+    model_args = dict(_R164, gsop_stages=(1, 1, 0), global_pool='isqrt')
+    return _create_preresnet_cifar('gsop2_preresnet164_cifar', pretrained, **dict(model_args, **kwargs))

@@ -122,9 +122,12 @@ def released_triu_vector(x: torch.Tensor) -> torch.Tensor:
     """MPNCOV ``Triuvec`` forward: entries at the nonzeros of ``ones(d, d).triu().t()`` (flattened row
     major), i.e. the lower triangle with diagonal, read row by row. (B, d, d) -> (B, d (d + 1) / 2)."""
     batch, dim, _ = x.shape
-    mask = torch.ones(dim, dim).triu().t().reshape(dim * dim)
-    index = mask.nonzero().reshape(-1).to(x.device)
-    return x.reshape(batch, dim * dim)[:, index]
+    return x.reshape(batch, dim * dim)[:, released_triu_index(dim).to(x.device)]
+
+
+def released_triu_index(dim: int) -> torch.Tensor:
+    """``Triuvec``'s flat indices: the nonzeros of ``ones(d, d).triu().t()``, row major."""
+    return torch.ones(dim, dim).triu().t().reshape(dim * dim).nonzero().reshape(-1)
 
 
 # ---- network ----------------------------------------------------------------------------------------

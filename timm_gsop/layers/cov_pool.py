@@ -13,7 +13,11 @@ from timm.layers import create_classifier
 
 from .second_order import covariance_pool, isqrt, triu_indices_flat, triu_vectorize
 
-__all__ = ['ISqrtCovPool', 'create_cov_classifier']
+__all__ = ['POOL_TYPES', 'ISqrtCovPool', 'create_cov_classifier']
+
+# timm's SelectAdaptivePool2d types ('' is none) and the iSQRT-COV head
+POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax', '',
+              'isqrt')
 
 # leaves for plain torch.fx.symbolic_trace: it patches the names in this module's globals
 torch.fx.wrap('covariance_pool')
@@ -100,6 +104,8 @@ def create_cov_classifier(
     Returns ``(global_pool, fc, pooled_features)``.
     """
     dd = {'device': device, 'dtype': dtype}
+    if pool_type not in POOL_TYPES:  # timm asserts; say what is valid
+        raise ValueError(f'Unknown global_pool {pool_type!r}; valid choices: {", ".join(map(repr, POOL_TYPES))}')
     if pool_type != 'isqrt':
         global_pool, fc = create_classifier(num_features, num_classes, pool_type=pool_type, **dd)
         return global_pool, fc, num_features * global_pool.feat_mult()

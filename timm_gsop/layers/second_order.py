@@ -43,7 +43,8 @@ def autocast_off(x: Tensor) -> ContextManager:
 
     Not usable under TorchScript: callers take it under ``if not torch.jit.is_scripting()``.
     """
-    if x.device.type in _AUTOCAST_DEVICE_TYPES:
+    # a plain torch.fx.symbolic_trace proxy has no device to read: the region is recorded as its ops
+    if not isinstance(x, torch.fx.Proxy) and x.device.type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type=x.device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -125,6 +126,8 @@ def isqrt(x: Tensor, num_iters: int = 3, eps: float = TRACE_EPS) -> Tensor:
     """
     if num_iters < 1:
         raise ValueError(f'isqrt num_iters must be >= 1, got {num_iters}')
+    if x.dim() != 3 or x.shape[-1] != x.shape[-2]:  # else broadcasting gives a wrong answer or a cryptic error
+        raise ValueError(f'isqrt expects square matrices (B, N, N), got shape {list(x.shape)}')
     if not torch.jit.is_scripting():
         with autocast_off(x):
             return _isqrt(x, num_iters, eps)

@@ -99,10 +99,10 @@ class GSoPResNet(ResNet):
             dtype=None,
             **kwargs: Any,
     ) -> None:
-        _check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
-        _check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
-        _check_choice('gsop_stage1_stride', gsop_stage1_stride, (1, 2))
-        _check_choice('last_stride', last_stride, (1, 2))
+        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
+        check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
+        check_choice('gsop_stage1_stride', gsop_stage1_stride, (1, 2))
+        check_choice('last_stride', last_stride, (1, 2))
         if len(gsop_stages) != len(layers):
             raise ValueError(f'gsop_stages needs one flag per stage ({len(layers)}), got {tuple(gsop_stages)}')
         if any(gsop_stages) and (kwargs.get('block_args') or {}).get('attn_layer') is not None:
@@ -145,7 +145,8 @@ class GSoPResNet(ResNet):
         self.fc.train(self.training)
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """A ValueError naming the kwarg, the value and the valid choices."""
     if value not in choices:
         raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
 

@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from .gsop_resnet import GSOP_PLACEMENTS, checkpoint_filter_fn, init_like_resnet, set_bn_args
+from .gsop_resnet import GSOP_PLACEMENTS, check_choice, checkpoint_filter_fn, init_like_resnet, set_bn_args
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -136,11 +136,10 @@ class PreResNetCifar(nn.Module):
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        for name, value, choices in (('gsop_manner', gsop_manner, GSOP_MANNERS), ('last_stride', last_stride, (1, 2)),
-                                     ('gsop_placement', gsop_placement, GSOP_PLACEMENTS),
-                                     ('gsop_stage1_stride', gsop_stage1_stride, (1, 2))):
-            if value not in choices:
-                raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
+        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
+        check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
+        check_choice('gsop_stage1_stride', gsop_stage1_stride, (1, 2))
+        check_choice('last_stride', last_stride, (1, 2))
         if not (len(layers) == len(channels) == len(gsop_stages) == 3):
             raise ValueError(
                 f'layers, channels and gsop_stages need one entry per stage (3 stages), got {tuple(layers)}, '

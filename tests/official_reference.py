@@ -1,4 +1,5 @@
-"""Test oracle: the forward pass of the RELEASED GSoP-Net code, rewritten from scratch.
+"""Test oracle: the forward pass of the RELEASED GSoP-Net code (and of fast-MPN-COV's iSQRT-COV ResNet, at the
+end), rewritten from scratch.
 
 Source of truth: github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks
 (``torchvision/models/resnet.py``, ``torchvision/models/MPNCOV/python/MPNCOV.py``, ``main.py``).
@@ -26,11 +27,13 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 __all__ = [
     'MANNER_TO_CODE', 'STAGE_DEPTHS', 'released_attention_layout', 'released_channel_covariance',
     'released_position_covariance', 'released_sqrtm', 'released_triu_vector', 'OfficialBottleneck',
-    'OfficialGSoPResNet', 'build_official', 'randomize_',
+    'OfficialGSoPResNet', 'build_official', 'randomize_', 'released_triu_index', 'MPNCOV_CHILDREN', 'mpncov_resnet',
+    'mpncov_forward',
 ]
 
 # main.py's --att_manner -> the one-character code the released Bottleneck switches on
@@ -381,3 +384,47 @@ def randomize_(model: nn.Module, seed: int = 0, calibration_input: torch.Tensor 
 def official_state_dict_keys(model: nn.Module) -> Dict[str, tuple]:
     """Key -> shape of a model's state dict (debugging helper)."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---- fast-MPN-COV (iSQRT-COV) ------------------------------------------------------------------------
+
+# fast-MPN-COV's MPNCOVResNet children, in order (main.py's `features` is a Sequential of them)
+MPNCOV_CHILDREN = ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4',
+            'layer_reduce', 'layer_reduce_bn', 'layer_reduce_relu', 'fc']
+
+
+def mpncov_resnet(depth=50, num_classes=1000, device=None, seed=0):
+    """fast-MPN-COV's MPNCOVResNet: a torchvision ResNet (its Bottleneck and key names) with a stride-1 layer4,
+    ``layer_reduce`` (1x1 conv 2048 -> 256, no bias), ``layer_reduce_bn`` and a 32,896-class-input ``fc``."""
+    torch.manual_seed(seed)
+    ctor = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
+    net = ctor(weights=None, num_classes=num_classes).to(device)
+    net.layer4[0].conv2.stride = (1, 1)
+    net.layer4[0].downsample[0].stride = (1, 1)
+    net.layer_reduce = nn.Conv2d(2048, 256, 1, bias=False, device=device)
+    net.layer_reduce_bn = nn.BatchNorm2d(256, device=device)
+    net.fc = nn.Linear(256 * 257 // 2, num_classes, device=device)
+    del net.avgpool
+    return net
+
+
+def mpncov_forward(net, x, iters=5):
+    """Its forward: ReLU after the reduction, the M x M centring covariance, coupled Newton-Schulz (trace
+    normalised), the upper triangle read row by row (GSoP-Net's Triuvec reads the lower one), ``fc``."""
+    x = net.maxpool(F.relu(net.bn1(net.conv1(x))))
+    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    x = F.relu(net.layer_reduce_bn(net.layer_reduce(x)))
+    b, c, h, w = x.shape
+    m = h * w
+    feats = x.reshape(b, c, m)
+    centring = (torch.eye(m, dtype=x.dtype) - torch.full((m, m), 1.0 / m, dtype=x.dtype)) / m
+    cov = feats @ centring @ feats.transpose(1, 2)
+    trace = cov.diagonal(dim1=1, dim2=2).sum(-1).view(b, 1, 1)
+    eye = torch.eye(c, dtype=x.dtype).expand(b, c, c)
+    y, z = cov / trace, eye
+    for _ in range(iters):  # coupled Newton-Schulz; the last step's Z is unused
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    y = y * trace.sqrt()
+    rows, cols = torch.triu_indices(c, c)  # upper triangle, row by row
+    return net.fc(y[:, rows, cols])

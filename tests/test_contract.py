@@ -408,14 +408,6 @@ def test_meta_device_and_dtype():
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize('in_chans', [1, 4])
-def test_in_chans(in_chans):
-    model = _tiny('gsop_resnet50', in_chans=in_chans).eval()
-    assert model.conv1.in_channels == in_chans
-    with torch.no_grad():
-        assert model(torch.randn(1, in_chans, 64, 64)).shape == (1, 7)
-
-
 @pytest.mark.parametrize('name', ['gsop_resnet50', 'gsopresnet50', 'preresnet164_cifar'])
 def test_train_py_kwargs_reach_the_model(name):
     # the call timm's train.py makes, with every option it forwards set, and --model-kwargs

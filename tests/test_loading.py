@@ -1,6 +1,7 @@
-"""Loading like timm: the filter transforms, strictness is the caller's, errors say what failed; and the warm
-start from pretrained plain networks (missing GSoP modules initialised so the model computes what the plain
-network computed).
+"""Loading as timm loads (``load_pretrained`` with the family's ``checkpoint_filter_fn``): the filter transforms,
+strictness is the caller's, timm's and torch's errors pass through; and the warm start from pretrained plain
+networks (missing GSoP modules initialised so the model computes what the plain network computed), which
+``pretrained=True`` does by itself.
 
 Every checkpoint is made here (no download), in the layout of its source: timm's / torchvision's ResNets,
 this package's iSQRT-COV and fast-MPN-COV's, the CIFAR pre-activation ResNet.
@@ -19,9 +20,9 @@ from timm.utils import ParseKwargs
 
 import timm_gsop
 from conftest import randomise_bn_
-from timm_gsop import CheckpointMismatchError, WarmStartWarning, WeightsNotAvailableError
-from timm_gsop.layers import ChannelGSoP
-from timm_gsop.models._checkpoint import detect_layout, fast_mpncov_to_triu_order, gsop_modules
+from timm_gsop import WarmStartWarning, WeightsNotAvailableError
+from timm_gsop.layers import ChannelGSoP, CovarianceGate
+from timm_gsop.models.gsop_resnet import checkpoint_layout, fast_mpncov_to_triu_order
 
 SMALL = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128))
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -54,7 +55,7 @@ def _load(name, path, overlay=None, **kwargs):
 def _warm_start(name, path, overlay=None, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        model = _load(name, path, overlay, pretrained_strict=False, **kwargs)
+        model = _load(name, path, overlay, **kwargs)
     messages = [str(w.message) for w in caught if issubclass(w.category, WarmStartWarning)]
     assert len(messages) == 1, messages
     return model, messages[0]
@@ -121,7 +122,7 @@ def test_warm_start_computes_what_the_plain_network_computed(source, source_kwar
     plain = _randomised(source, **source_kwargs)
     path = _save(plain.state_dict(), tmp_path / 'plain.safetensors')
     model, message = _warm_start(target, path, **_target_kwargs(source, source_kwargs, target))
-    num_gsop = len(gsop_modules(model))
+    num_gsop = sum(isinstance(m, CovarianceGate) for m in model.modules())  # one gate per channel module
     assert f'{num_gsop} GSoP module(s)' in message and path in message
     assert 'computes what the source network computed' in message
     reference = timm.create_model(equivalent[0], **equivalent[1])
@@ -148,7 +149,7 @@ def test_warm_start_from_fast_mpncov_layout_reorders_the_classifier(tmp_path):
     fc = torch.empty_like(theirs['fc.weight'])
     fc[:, fast_mpncov_to_triu_order(32)] = theirs['fc.weight']  # fast-MPN-COV's upper-triangle order
     theirs['fc.weight'] = fc
-    assert detect_layout(theirs) == 'fast-mpn-cov'
+    assert checkpoint_layout(theirs) == 'fast-mpn-cov'
     path = _save({'state_dict': {f'module.{k}': v for k, v in theirs.items()}}, tmp_path / 'mpncov.pth.tar')
     model, _ = _warm_start('gsop2_resnet50', path, **SMALL, isqrt_dim=32, isqrt_iters=5)
     _assert_same_function(model, source, _image())
@@ -161,7 +162,8 @@ def test_plain_resnet_into_gsop2_keeps_the_backbone_and_says_head_and_classifier
     plain = _randomised('resnet50', **SMALL)
     path = _save(plain.state_dict(), tmp_path / 'r50.safetensors')
     model, message = _warm_start('gsop2_resnet50', path, **SMALL, isqrt_dim=32)
-    assert 'newly initialised: fc, global_pool.bn_reduce, global_pool.conv_reduce' in message
+    assert 'Newly initialised (not in the checkpoint, or trained for another head): fc, global_pool.bn_reduce, ' \
+        'global_pool.conv_reduce.' in message
     backbone = timm.create_model('gsop2_resnet50', **SMALL, isqrt_dim=32, gsop_stages=(0, 0, 0, 0))
     backbone.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith('fc.')}, strict=False)
     x = _image()
@@ -176,8 +178,8 @@ def test_gates_start_at_the_steepest_point_and_all_move_in_one_step(tmp_path):
     path = _save(_randomised('resnet50', **SMALL).state_dict(), tmp_path / 'r50.safetensors')
     model, _ = _warm_start('gsop_resnet50', path, **SMALL, num_classes=5)
     gates = []
-    for _, gsop, _ in gsop_modules(model):
-        gsop.gate.register_forward_hook(lambda m, i, o: gates.append(o))
+    for gate in (m for m in model.modules() if isinstance(m, CovarianceGate)):
+        gate.register_forward_hook(lambda m, i, o: gates.append(o))
     model.train()
     out = model(_image())
     assert len(gates) == 4 and all(torch.equal(a, torch.full_like(a, 0.5)) for a in gates)
@@ -198,7 +200,7 @@ def test_warm_start_of_other_manners_keeps_the_weights_and_says_the_function_dif
     plain = _randomised('resnet50', **SMALL)
     path = _save(plain.state_dict(), tmp_path / 'r50.safetensors')
     model, message = _warm_start('gsopresnet50', path, **SMALL, gsop_manner=manner)
-    assert f"gsop_manner={manner!r} adds a ReLU" in message and "outputs are not the source network's" in message
+    assert f"gsop_manner={manner!r} adds a ReLU" in message and "weights are kept, not its function" in message
     x = _image()
     with torch.no_grad():
         diff = (_outputs(model, x, False) - _outputs(plain, x, False)).abs().max()
@@ -207,24 +209,19 @@ def test_warm_start_of_other_manners_keeps_the_weights_and_says_the_function_dif
 
 # ---- strictness ------------------------------------------------------------------------------------------
 
-def test_strict_load_refuses_a_plain_network_and_says_how_to_warm_start(tmp_path):
+def test_plain_network_warm_starts_under_any_num_classes_without_strict_false(tmp_path):
     path = _save(_randomised('resnet50', **SMALL).state_dict(), tmp_path / 'r50.safetensors')
-    with pytest.raises(CheckpointMismatchError) as info:
-        _load('gsop_resnet50', path, **SMALL)
-    message = str(info.value)
-    assert 'gsop_resnet50' in message and '56 missing: layer1.0.se.conv_reduce.weight' in message
-    assert "plain network's checkpoint" in message and 'pretrained_strict=False' in message
-    assert '--pretrained-path FILE --model-kwargs pretrained_strict=False' in message
-    # a new num_classes makes timm relax strictness for the classifier only: still refused
-    with pytest.raises(CheckpointMismatchError, match="plain network's checkpoint"):
-        _load('gsop_resnet50', path, **SMALL, num_classes=10)
+    for kwargs in ({}, dict(num_classes=10)):  # a new num_classes: timm drops the classifier, the filter the rest
+        with pytest.warns(WarmStartWarning, match='4 GSoP module'):
+            _load('gsop_resnet50', path, **SMALL, **kwargs)
 
 
 def test_num_classes_change_reinitialises_only_the_classifier(tmp_path):
     plain = _randomised('resnet50', **SMALL)
     path = _save(plain.state_dict(), tmp_path / 'r50.safetensors')
     model, message = _warm_start('gsopresnet50', path, **SMALL, num_classes=10)
-    assert 'newly initialised: fc.' in message and model.fc.out_features == 10
+    # timm itself drops a classifier of another size (and logs it); the warning is about GSoP only
+    assert 'Newly initialised' not in message and model.fc.out_features == 10
     x = _image()
     with torch.no_grad():
         torch.testing.assert_close(model.eval().forward_head(model.forward_features(x), pre_logits=True),
@@ -232,15 +229,14 @@ def test_num_classes_change_reinitialises_only_the_classifier(tmp_path):
 
 
 def test_train_py_pretrained_path_route(tmp_path):
-    """What timm's train.py does with --pretrained --pretrained-path FILE --model-kwargs pretrained_strict=False:
-    the overlay with num_classes=-1 (head adaptation) and ParseKwargs' model kwargs."""
+    """What timm's train.py does with --pretrained --pretrained-path FILE --model-kwargs ...: the overlay with
+    num_classes=-1 (head adaptation) and ParseKwargs' model kwargs."""
     import argparse
     plain = _randomised('resnet50', **SMALL)
     path = _save(plain.state_dict(), tmp_path / 'r50.safetensors')
     parser = argparse.ArgumentParser()
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    args = parser.parse_args(['--model-kwargs', 'pretrained_strict=False', 'layers=(1,1,1,1)',
-                              'channels=(16,32,64,128)'])
+    args = parser.parse_args(['--model-kwargs', 'layers=(1,1,1,1)', 'channels=(16,32,64,128)'])
     with pytest.warns(WarmStartWarning, match='4 GSoP module'):
         model = timm.create_model('gsop_resnet50', pretrained=True, num_classes=None, in_chans=3,
                                   pretrained_cfg_overlay=dict(file=path, num_classes=-1), **args.model_kwargs)
@@ -249,36 +245,30 @@ def test_train_py_pretrained_path_route(tmp_path):
     x = _image()
     with torch.no_grad():
         torch.testing.assert_close(model.eval().forward_features(x), reference.eval().forward_features(x))
-    with pytest.raises(CheckpointMismatchError, match="plain network's checkpoint"):
-        timm.create_model('gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=-1),
-                          **SMALL)
 
 
 def test_pretrained_strict_false_allows_missing_tensors_anywhere(tmp_path):
     model = _randomised('gsop_resnet50', **SMALL)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith('layer2.0.conv2')}
     path = _save(sd, tmp_path / 'partial.pth')
-    with pytest.raises(CheckpointMismatchError, match='1 missing: layer2.0.conv2.weight'):
+    with pytest.raises(RuntimeError, match='Missing key.*"layer2.0.conv2.weight"'):  # torch's strict load
         _load('gsop_resnet50', path, **SMALL)
     loaded = _load('gsop_resnet50', path, **SMALL, pretrained_strict=False)
     torch.testing.assert_close(loaded.layer3[0].conv1.weight, model.layer3[0].conv1.weight)
 
 
-def test_strict_mismatch_comes_from_load_state_dicts_result_and_names_model_and_keys():
+def test_load_state_dict_is_torchs():
     model = timm.create_model('gsop_resnet50', **SMALL)
     sd = dict(model.state_dict())
     sd.pop('layer1.0.se.gate.conv_expand.bias')
     sd['layer9.weird'] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatchError) as info:
+    with pytest.raises(RuntimeError, match='Missing key.*"layer1.0.se.gate.conv_expand.bias".*\n.*'
+                                           'Unexpected key.*"layer9.weird"'):
         model.load_state_dict(sd)
-    text = str(info.value)
-    assert "gsop_resnet50 (gsop_manner='channel')" in text
-    assert '1 missing: layer1.0.se.gate.conv_expand.bias' in text and '1 unexpected: layer9.weird' in text
-    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
     result = model.load_state_dict(sd, strict=False)
     assert result.missing_keys == ['layer1.0.se.gate.conv_expand.bias'] and result.unexpected_keys == ['layer9.weird']
     sd['fc.weight'] = torch.zeros(3, 2048)
-    with pytest.raises(CheckpointMismatchError, match=r'wrong shape: fc.weight: checkpoint \(3, 2048\)'):
+    with pytest.raises(RuntimeError, match=r'size mismatch for fc.weight.*\[3, 2048\]'):
         model.load_state_dict(sd, strict=False)
 
 
@@ -302,15 +292,15 @@ def test_url_download_failure_is_reported_as_a_network_error(monkeypatch):
     with pytest.raises(WeightsNotAvailableError) as info:
         timm.create_model('isqrt_resnet50', pretrained=True)
     message = str(info.value)
-    assert 'could not be downloaded' in message and 'Name or service not known' in message
+    assert 'Could not download the weights of isqrt_resnet50' in message and 'Name or service not known' in message
     assert 'truncated' not in message
     assert 'github.com/jiangtaoxie/fast-MPN-COV' in message and 'timm-gsop export' in message
 
 
-def test_corrupt_file_is_reported_as_corrupt(tmp_path):
+def test_corrupt_file_gets_safetensors_error_not_a_network_error(tmp_path):
     path = tmp_path / 'broken.safetensors'
     path.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1' + b'\x00' * 20)
-    with pytest.raises(RuntimeError, match='truncated, or not a PyTorch / safetensors checkpoint') as info:
+    with pytest.raises(Exception, match='header') as info:
         _load('gsop_resnet50', str(path), **SMALL)
     assert not isinstance(info.value, WeightsNotAvailableError)
 
@@ -321,7 +311,7 @@ def test_gsop_resnet_with_timms_basic_block_puts_gsop_on_its_last_bn():
     model = timm.create_model('gsop_resnet50', block=BasicBlock, layers=(2, 2, 2, 2), num_classes=4)
     blocks = [stage[-1] for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
     assert all(isinstance(b, BasicBlock) and isinstance(b.se, ChannelGSoP) for b in blocks)
-    assert [b.se.channels for b in blocks] == [b.bn2.num_features for b in blocks] == [64, 128, 256, 512]
+    assert [b.se.conv_reduce.in_channels for b in blocks] == [b.bn2.num_features for b in blocks] == [64, 128, 256, 512]
     assert model.layer4[0].conv1.stride == (1, 1)  # the last stage at stride 1, as GSoP-Net's
     out = model(_image(batch=2))
     assert out.shape == (2, 4)

@@ -11,7 +11,6 @@ import timm_gsop  # noqa: F401
 from conftest import distinct_tiny_models, tiny_kwargs
 from timm_gsop import CovarianceGate, ISqrtCovPool
 from timm_gsop.zoo import list_gsop_models
-from timm_gsop.layers import second_order
 
 # every registered model, at test size (tiny_kwargs: the same structure), once per distinct network
 MODELS = distinct_tiny_models(list_gsop_models())
@@ -30,7 +29,7 @@ def _model(name, **kwargs):
 
 
 def _min_size(model):
-    return getattr(model, 'min_input_size', 32)
+    return 32  # the smallest side the tests use (the stem and four stages halve it to 1x1 at most)
 
 
 def _images(kind, model, batch=2):
@@ -110,35 +109,26 @@ def test_in_chans(name, in_chans):
     model = timm.create_model(name, in_chans=in_chans, num_classes=3).eval()
     with torch.no_grad():
         assert model(torch.randn(2, in_chans, 40, 48)).shape == (2, 3)
-    with pytest.raises(ValueError, match=rf'expects {in_chans} input channels \(B, {in_chans}, H, W\)'):
+    with pytest.raises(RuntimeError, match=rf'to have {in_chans} channels, but got 3'):  # torch's conv error
         model(torch.randn(2, 3, 40, 48))
 
 
 @pytest.mark.parametrize('name', ['gsop_resnet50', 'gsop2_resnet50'])
 @pytest.mark.parametrize('shape, message', [
-    ((3, 64, 64), r'expects a 4-D input \(B, 3, H, W\) with H, W >= 32, got shape \(3, 64, 64\)'),
-    ((1, 1, 3, 64, 64), r'expects a 4-D input'),
-    ((2, 1, 64, 64), r'expects 3 input channels .* got shape \(2, 1, 64, 64\).*in_chans=1'),
-    ((2, 3, 31, 64), r'input is too small: expected \(B, 3, H, W\) with H, W >= 32, got shape \(2, 3, 31, 64\)'),
-    ((2, 3, 64, 8), r'input is too small'),
+    ((3, 64, 64), r'expected 4D input'),  # BatchNorm2d's ValueError
+    ((1, 1, 3, 64, 64), r'Expected 3D \(unbatched\) or 4D \(batched\) input'),
+    ((2, 1, 64, 64), r'expected input\[2, 1, 64, 64\] to have 3 channels'),
 ])
-def test_bad_input_shapes_rejected_before_compute(name, shape, message):
+def test_bad_input_shapes_get_torchs_error(name, shape, message):
     model = _model(name).eval()
-    calls = []
-    handle = model.conv1.register_forward_pre_hook(lambda m, i: calls.append(1))
-    try:
-        for fn in (model, model.forward_intermediates):
-            with pytest.raises(ValueError, match=message) as e:
-                fn(torch.randn(shape))
-            assert name in str(e.value)
-    finally:
-        handle.remove()
-    assert not calls, 'the stem ran before the input was rejected'
+    for fn in (model, model.forward_intermediates):
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            fn(torch.randn(shape))
 
 
 def test_bad_options_name_value_and_choices():
-    with pytest.raises(ValueError, match=r"Unknown gsop_manner 'average'; valid choices: channel, position, "
-                                         r"fusion_avg, fusion_max, fusion_concat"):
+    with pytest.raises(ValueError, match=r"Unknown gsop_manner 'average'; valid choices: 'channel', 'position', "
+                                         r"'fusion_avg', 'fusion_max', 'fusion_concat'"):
         timm.create_model('gsop_resnet50', gsop_manner='average')
     with pytest.raises(ValueError, match=r"isqrt_iters must be a positive integer, got 0"):
         timm.create_model('gsop2_resnet50', isqrt_iters=0)
@@ -150,7 +140,7 @@ def test_bad_options_name_value_and_choices():
         timm.create_model('gsop_resnet50', gsop_dim=0)
     with pytest.raises(ValueError, match=r"Unknown global_pool 'cov'; valid choices: 'avg', .*'isqrt'"):
         timm.create_model('gsop2_resnet50', global_pool='cov')
-    with pytest.raises(ValueError, match=r"last_stride must be 1 or 2, got 3"):
+    with pytest.raises(ValueError, match=r"Unknown last_stride 3; valid choices: 1, 2"):
         timm.create_model('gsop_resnet50', last_stride=3)
 
 
@@ -203,11 +193,10 @@ def test_onnx_export_matches_onnxruntime(name, tmp_path):
 @pytest.mark.parametrize('name', MODELS)
 def test_torchscript_exporter_onnx_of_every_model(name, tmp_path, monkeypatch):
     """timm's onnx_export (the TorchScript exporter, dynamo=False, as its onnx_export.py uses by default) on
-    every model: no aten::tril_indices (the triangle index is a traced constant), outputs as onnxruntime runs."""
+    every model: no aten::tril_indices (the triangle index is a buffer), outputs as onnxruntime runs."""
     pytest.importorskip('onnxruntime', reason='install the test extra: pip install -e .[test]')
     import onnxruntime as ort
     from timm.utils.onnx import onnx_export
-    monkeypatch.setattr(second_order, '_TRIU_INDEX_CACHE', {})  # nothing cached before the trace
     model = _model(name).eval()
     size = _min_size(model) * 2
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -261,17 +250,3 @@ def test_onnx_export_failure_leaves_previous_file(tmp_path, monkeypatch):
         onnx_export.export_onnx(nn.Conv2d(3, 3, 1), path, input_size=(3, 8, 8))
     assert path.read_bytes() == b'previous good export'
     assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']  # no temp file left behind
-
-
-@pytest.mark.parametrize('name', MODELS)
-def test_every_gsop_family_checks_its_input(name):
-    from timm_gsop.models._mixins import InputCheckMixin
-    model = timm.create_model(name, device='meta')  # rejected before any compute, so meta weights do
-    if not isinstance(model, InputCheckMixin):
-        assert name.startswith('cbamresnet')  # timm's own ResNet class, like seresnet50
-        return
-    size = model.min_input_size
-    for shape, message in (((3, size, size), '4-D input'), ((1, 5, size, size), 'expects 3 input channels'),
-                           ((1, 3, size - 1, size), 'too small')):
-        with pytest.raises(ValueError, match=message):
-            model(torch.randn(shape))

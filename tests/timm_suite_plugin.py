@@ -38,7 +38,7 @@ def _pretrained_only(filter='', exclude_filters=''):
 def _write_url_weights(torch_home: str) -> None:
     """The files behind the url cfgs (the authors' iSQRT-COV weights), in fast-MPN-COV's own layout."""
     import torch
-    from timm_gsop.models._checkpoint import fast_mpncov_to_triu_order
+    from timm_gsop.models.gsop_resnet import fast_mpncov_to_triu_order
     folder = os.path.join(torch_home, 'hub', 'checkpoints')
     os.makedirs(folder, exist_ok=True)
     for full in _pretrained_only():

@@ -320,7 +320,9 @@ def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[s
                 state_dict[k] = torch.zeros_like(own[k])
         state_dict.update({k: state_dict[k] * 2 for k in host_keys})
         started.append(name)
-    new = {k: v for k, v in own.items() if k not in state_dict and k.startswith(('global_pool.', 'fc.'))}
+    # a head or classifier the checkpoint has nothing of (a part of one missing is for load_state_dict to name)
+    absent = tuple(p for p in ('global_pool.', 'fc.') if not any(k.startswith(p) for k in state_dict))
+    new = {k: v for k, v in own.items() if absent and k.startswith(absent)}
     if not started and not new:
         return state_dict
     state_dict.update(new)
@@ -368,14 +370,34 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     return _warm_start(state_dict, model)
 
 
-def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
+def cfg_pool_size_from_model(model: nn.Module) -> nn.Module:
+    """Make ``pretrained_cfg['pool_size']`` the final map at the cfg's input size, which kwargs such as
+    ``last_stride`` change."""
+    cfg, info = model.pretrained_cfg, model.feature_info
+    if isinstance(info, list) and info and cfg.get('pool_size'):
+        cfg['pool_size'] = tuple(-(-size // info[-1]['reduction']) for size in cfg['input_size'][1:])
+    return model
+
+
+def build_model_saying_why(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``build_model_with_cfg``, and where timm's error would not say what failed (an unreachable url, a missing
+    file: timm raises a bare FileNotFoundError), an error that does."""
     try:
-        return build_model_with_cfg(
-            GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+        model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except urllib.error.URLError as e:  # the authors' own servers: say where else their weights are
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         notes = ' '.join(cfg.notes or ())
         raise WeightsNotAvailableError(f'Could not download the weights of {variant} from {cfg.url}: {e}. {notes}') from e
+    except FileNotFoundError as e:
+        if str(e):
+            raise
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        raise FileNotFoundError(f'{variant}: no such file {cfg.file}') from e
+    return cfg_pool_size_from_model(model)
+
+
+def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
+    return build_model_saying_why(GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

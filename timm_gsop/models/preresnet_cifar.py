@@ -32,12 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from .gsop_resnet import GSOP_PLACEMENTS, check_choice, checkpoint_filter_fn, init_like_resnet, set_bn_args
+from .gsop_resnet import GSOP_PLACEMENTS, build_model_saying_why, check_choice, checkpoint_filter_fn, \
+    init_like_resnet, set_bn_args
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -297,7 +298,7 @@ class PreResNetCifar(nn.Module):
 
 
 def _create_preresnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> PreResNetCifar:
-    return build_model_with_cfg(
+    return build_model_saying_why(
         PreResNetCifar, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 

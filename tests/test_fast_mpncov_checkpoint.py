@@ -1,62 +1,22 @@
 """fast-MPN-COV (iSQRT-COV) checkpoints load into isqrt_resnet50/101 with the same outputs.
 
-The reference below rebuilds fast-MPN-COV's MPNCOVResNet from its description: a torchvision ResNet (its
-Bottleneck and key names) with a stride-1 layer4, ``layer_reduce`` (1x1 conv 2048 -> 256, no bias),
-``layer_reduce_bn``, ReLU, covariance with the released M x M centring matrix, coupled Newton-Schulz
-(5 iterations, trace normalisation), the upper triangle read row by row, and ``fc``. Its state dict is a
-synthetic checkpoint in the published layout; the main.py layouts are derived from it.
+The reference is ``official_reference.mpncov_resnet`` / ``mpncov_forward``; its state dict is a synthetic
+checkpoint in the published layout, and the main.py layouts are derived from it.
 """
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import timm
-import torchvision
 
 import timm_gsop  # noqa: F401
 from conftest import randomise_bn_
-from timm_gsop import CheckpointMismatchError, triu_vectorize
-from timm_gsop.models.isqrt_resnet import checkpoint_filter_fn, fast_mpncov_to_triu_order
-
-# fast-MPN-COV's MPNCOVResNet children, in order (main.py's `features` is a Sequential of them)
-CHILDREN = ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4',
-            'layer_reduce', 'layer_reduce_bn', 'layer_reduce_relu', 'fc']
+from official_reference import MPNCOV_CHILDREN as CHILDREN, mpncov_forward as _reference_forward, mpncov_resnet
 
 
 def _mpncov_resnet(depth=50, num_classes=1000, device=None, seed=0):
-    torch.manual_seed(seed)
-    ctor = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
-    net = ctor(weights=None, num_classes=num_classes).to(device)
-    net.layer4[0].conv2.stride = (1, 1)
-    net.layer4[0].downsample[0].stride = (1, 1)
-    net.layer_reduce = nn.Conv2d(2048, 256, 1, bias=False, device=device)
-    net.layer_reduce_bn = nn.BatchNorm2d(256, device=device)
-    net.fc = nn.Linear(256 * 257 // 2, num_classes, device=device)
-    del net.avgpool
-    if device != 'meta':
-        randomise_bn_(net, seed)
-    return net
-
-
-def _reference_forward(net, x, iters=5):
-    x = net.maxpool(F.relu(net.bn1(net.conv1(x))))
-    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
-    x = F.relu(net.layer_reduce_bn(net.layer_reduce(x)))
-    b, c, h, w = x.shape
-    m = h * w
-    feats = x.reshape(b, c, m)
-    centring = (torch.eye(m, dtype=x.dtype) - torch.full((m, m), 1.0 / m, dtype=x.dtype)) / m
-    cov = feats @ centring @ feats.transpose(1, 2)
-    trace = cov.diagonal(dim1=1, dim2=2).sum(-1).view(b, 1, 1)
-    eye = torch.eye(c, dtype=x.dtype).expand(b, c, c)
-    y, z = cov / trace, eye
-    for _ in range(iters):  # coupled Newton-Schulz; the last step's Z is unused
-        t = 0.5 * (3.0 * eye - z @ y)
-        y, z = y @ t, t @ z
-    y = y * trace.sqrt()
-    rows, cols = torch.triu_indices(c, c)  # upper triangle, row by row
-    return net.fc(y[:, rows, cols])
-
+    net = mpncov_resnet(depth, num_classes, device, seed)
+    return net if device == 'meta' else randomise_bn_(net, seed)
+from timm_gsop import checkpoint_filter_fn, triu_vectorize
+from timm_gsop.models.gsop_resnet import fast_mpncov_to_triu_order
 
 def _main_py_layout(state_dict, from_scratch=True, data_parallel=True):
     """fast-MPN-COV main.py checkpoint: features[.module].<i>, representation / classifier."""
@@ -138,8 +98,9 @@ def test_resnet101_layout_maps_onto_isqrt_resnet101():
     net = _mpncov_resnet(101, device='meta')
     model = timm.create_model('isqrt_resnet101', device='meta')
     for checkpoint in (_drop_batches_tracked(net.state_dict()), _main_py_layout(net.state_dict())):
-        mapped = checkpoint_filter_fn(checkpoint, model)
-        assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in model.state_dict().items()}
+        mapped = _drop_batches_tracked(checkpoint_filter_fn(checkpoint, model))  # BatchNorm fills them in
+        assert {k: v.shape for k, v in mapped.items()} == \
+            {k: v.shape for k, v in _drop_batches_tracked(model.state_dict()).items()}
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters()) == 75_921_960
 
 
@@ -153,15 +114,15 @@ def test_published_cfg_points_at_the_authors_weights():
 
 
 def test_mismatching_checkpoints_are_named():
-    """The filter only transforms (strictness is the caller's); the strict load names the model and the keys."""
+    """The filter only transforms (strictness is the caller's); torch's strict load names the keys."""
     r101 = _drop_batches_tracked(_mpncov_resnet(101, device='meta').state_dict())
     model = timm.create_model('isqrt_resnet50', device='meta')
     converted = checkpoint_filter_fn(r101, model)
     assert 'layer3.6.conv1.weight' in converted
-    with pytest.raises(CheckpointMismatchError, match=r'(?s)isqrt_resnet50.*unexpected: layer3\.6\.'):
+    with pytest.raises(RuntimeError, match=r'Unexpected key.*"layer3\.6\.'):
         model.load_state_dict(converted)
     partial = {k: v for k, v in _mpncov_resnet(50, device='meta').state_dict().items() if 'layer_reduce_bn' not in k}
-    with pytest.raises(CheckpointMismatchError, match='missing: global_pool.bn_reduce'):
+    with pytest.raises(RuntimeError, match='Missing key.*"global_pool.bn_reduce'):
         model.load_state_dict(checkpoint_filter_fn(partial, model))
     assert model.load_state_dict(checkpoint_filter_fn(partial, model), strict=False).missing_keys == [
         'global_pool.bn_reduce.weight', 'global_pool.bn_reduce.bias', 'global_pool.bn_reduce.running_mean',

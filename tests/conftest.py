@@ -1,5 +1,8 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and helpers."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +74,28 @@ def distinct_tiny_models(names):
     return out
 
 
+# timm's tests/test_models.py tests that take minutes for the 17 full-size models: run with -m slow
+TIMM_SLOW_TESTS = ('test_model_forward_torchscript', 'test_model_forward_fx', 'test_model_backward_fx',
+                   'test_model_forward_fx_torchscript', 'test_prune_intermediate_layers_contract')
+
+
+def run_timm_tests(*selection: str, pythonpath: tuple = ()) -> subprocess.CompletedProcess:
+    """timm's own ``tests/test_models.py`` (``get_timm_tests.py`` fetched it) with ``timm_suite_plugin``, in a
+    subprocess; ``pythonpath`` goes first on its path (a copy of timm with the model files merged in)."""
+    import pytest
+    from get_timm_tests import tests_dir  # not test-prefixed: pytest would collect it
+    folder = tests_dir()
+    if not (folder / 'test_models.py').is_file():
+        pytest.fail(f"timm's test suite is not at {folder}: fetch it with `python tests/get_timm_tests.py` "
+                    '(README: Install)', pytrace=False)
+    here = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, pythonpath), here, os.environ.get('PYTHONPATH', '')]))
+    env.pop('GITHUB_ACTIONS', None)  # timm narrows its own suite on GitHub runners; run it whole
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'timm_suite_plugin',
+           '-W', 'ignore::FutureWarning', 'tests/test_models.py', *selection]
+    return subprocess.run(cmd, cwd=folder.parent, env=env, capture_output=True, text=True, timeout=3000)
+
+
 def _peak_rss_mb() -> tuple:
     """(this process, the largest subprocess it waited for) peak RSS in MB (Linux reports kilobytes)."""
     import resource
@@ -118,5 +143,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(config, items):
-    # the longest file first: under -n 2 --dist loadfile it then runs beside the others instead of after them
-    items.sort(key=lambda item: item.path.name != 'test_timm_suite.py')
+    # the two longest files first: under -n 2 --dist loadfile each worker starts with one, beside the rest
+    items.sort(key=lambda item: item.path.name not in ('test_timm_suite.py', 'test_drop_in.py'))

@@ -5,30 +5,11 @@ narrows timm's model lists to this package's models. The default run takes timm'
 / features / intermediates / pretrained-loading tests; its TorchScript, fx and prune-contract tests take several
 minutes for the 17 full-size models and run with ``-m slow``.
 """
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from get_timm_tests import tests_dir as timm_tests_dir  # not test-prefixed: pytest would collect it
-
-HERE = Path(__file__).resolve().parent
-SLOW_TESTS = ('test_model_forward_torchscript', 'test_model_forward_fx', 'test_model_backward_fx',
-              'test_model_forward_fx_torchscript', 'test_prune_intermediate_layers_contract')
-
-
-def _run_timm_tests(*selection: str) -> subprocess.CompletedProcess:
-    folder = timm_tests_dir()
-    if not (folder / 'test_models.py').is_file():
-        pytest.fail(f'timm\'s test suite is not at {folder}: fetch it with `python tests/get_timm_tests.py` '
-                    '(README: Install)', pytrace=False)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')]))
-    env.pop('GITHUB_ACTIONS', None)  # timm narrows its own suite on GitHub runners; run it whole
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'timm_suite_plugin',
-           '-W', 'ignore::FutureWarning', 'tests/test_models.py', *selection]
-    return subprocess.run(cmd, cwd=folder.parent, env=env, capture_output=True, text=True, timeout=3000)
+from conftest import TIMM_SLOW_TESTS as SLOW_TESTS, run_timm_tests as _run_timm_tests
 
 
 def _summary(proc: subprocess.CompletedProcess) -> str:

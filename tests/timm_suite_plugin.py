@@ -1,8 +1,8 @@
 """pytest plugin (``-p timm_suite_plugin``) that runs timm's own ``tests/test_models.py`` on this package's models.
 
-It imports ``timm_gsop`` (registering the models) before timm's test module is collected, and narrows timm's
-``list_models`` / ``list_pretrained`` to the models this package registers, so every per-model test of timm's
-suite is parametrised with exactly these. A ``module=`` filter (timm's list of model files whose tests include
+It imports ``timm_gsop`` (registering the models; unless timm has them, merged in) before timm's test module is
+collected, and narrows timm's ``list_models`` / ``list_pretrained`` to this package's models, so every per-model
+test of timm's suite is parametrised with exactly these. A ``module=`` filter (timm's list of model files whose tests include
 ``forward_intermediates``) is treated as naming this package's files too: those tests run on these models as
 well. Tests of timm's own named models (``resnet18``, ``test_resnet`` ...) are deselected.
 
@@ -12,16 +12,20 @@ before collection, so timm's url loader finds them in its cache and no download 
 """
 import os
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 import timm
 import timm.models
 
-import timm_gsop  # noqa: F401 (registers the models)
-from timm_gsop.zoo import list_gsop_models
-
-OURS = set(list_gsop_models())
+# this package's model files (timm registers a model under its file's name); a timm with them merged in
+# (test_timm_suite.py's drop-in test) has the models already, else the plugin registers them
+MODEL_FILES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / 'timm_gsop' / 'models').glob('[!_]*.py'))
 _list_models = timm.list_models
+if not _list_models(module=MODEL_FILES):
+    import timm_gsop  # noqa: F401
+OURS = set(_list_models(module=MODEL_FILES))
 
 
 def _ours_only(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False,
@@ -38,7 +42,6 @@ def _pretrained_only(filter='', exclude_filters=''):
 def _write_url_weights(torch_home: str) -> None:
     """The files behind the url cfgs (the authors' iSQRT-COV weights), in fast-MPN-COV's own layout."""
     import torch
-    from timm_gsop.models.gsop_resnet import fast_mpncov_to_triu_order
     folder = os.path.join(torch_home, 'hub', 'checkpoints')
     os.makedirs(folder, exist_ok=True)
     for full in _pretrained_only():
@@ -52,7 +55,8 @@ def _write_url_weights(torch_home: str) -> None:
             k = k.replace('global_pool.conv_reduce', 'layer_reduce').replace('global_pool.bn_reduce', 'layer_reduce_bn')
             sd[k] = v
         dim = model.global_pool.dim
-        order = fast_mpncov_to_triu_order(dim)
+        family = sys.modules[timm.models.model_entrypoint(full.split('.')[0]).__module__]
+        order = family.fast_mpncov_to_triu_order(dim)
         theirs = torch.empty_like(sd['fc.weight'])
         theirs[:, order] = sd['fc.weight']  # ours = theirs[:, order]
         sd['fc.weight'] = theirs

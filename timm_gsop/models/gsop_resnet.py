@@ -327,14 +327,14 @@ def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[s
         return state_dict
     state_dict.update(new)
     manner = getattr(model, 'gsop_manner', 'channel')
-    same = 'it computes what the source network computed' if manner == 'channel' else (
-        f"gsop_manner={manner!r} adds a ReLU the plain block lacks, so the source network's weights are kept, not "
-        'its function')
     name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
     text = f'Warm start of {name} from {_describe_source(model)}: '
     if started:
-        text += (f'{len(started)} GSoP module(s) had no tensors there and were initialised function-preserving '
-                 f'(each gate 0.5, the module it scales doubled): {same}. ')
+        text += f'{len(started)} GSoP module(s) had no tensors there and were initialised with each gate 0.5 and ' \
+                'the module it scales doubled: '
+        text += 'it computes what the source network computed. ' if manner == 'channel' else (
+            f"gsop_manner={manner!r} adds a ReLU the plain block lacks, so the source network's weights are kept, "
+            'not its function. ')
     if new:
         modules = sorted({k.rsplit('.', 1)[0] for k in new})
         text += f'Newly initialised (not in the checkpoint, or trained for another head): {", ".join(modules)}.'

@@ -1,13 +1,14 @@
 """Model cards (README.md) for the Hub: ``render_card`` (``timm-gsop card``, and every export).
 
-A card is rendered from ``hub_cards/``: one template plus per-family facts (``hub_cards/families/*.yaml``); a
-model of a family without a facts file gets generic facts from its pretrained cfg. Every number and dimension
-in a card is read from the model itself or measured on it (``describe_model``, ``measure_model``, on the meta
-device); the papers' reported results are labelled as reported. The metadata is ``huggingface_hub``'s
-``ModelCardData`` (``library_name: timm``, ``pipeline_tag: image-classification``, as timm's cards).
+As timm's ``generate_readme`` does, a card is one dict of facts written out by one function. ``card_facts`` gathers
+them: what is measured on the model (``measure_model``, on the meta device) and read from its modules
+(``describe_model``), the family's prose and the papers' reported results (``hub_cards/families/*.yaml``; a model
+without a family file gets its pretrained cfg's paper and its entrypoint's docstring), the weights, the dataset.
+``render_card`` writes them into the card; the metadata is ``huggingface_hub``'s ``ModelCardData``
+(``library_name: timm``, ``pipeline_tag: image-classification``, as timm's cards).
 """
+import dataclasses
 import fnmatch
-import string
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,35 +24,63 @@ from .zoo import count_gflops, count_params
 # the Hugging Face Hub organisation this package's own weights are published under ('<namespace>/<model>.<tag>')
 HUB_NAMESPACE = 'timm-gsop'
 
-__all__ = ['HUB_NAMESPACE', 'ModelStats', 'measure_model', 'count_activations_and_flops', 'describe_model', 'WeightsInfo',
+__all__ = ['HUB_NAMESPACE', 'measure_model', 'count_activations_and_flops', 'describe_model', 'WeightsInfo',
            'cards_dir', 'card_facts', 'dataset_for_tag', 'render_card', 'initialisation_source']
+
+# a pretrained tag (or its last '_'-separated part: 'a1_in1k' -> 'in1k') -> (the dataset's name, its Hub id)
+_DATASETS = {'in1k': ('ImageNet-1k', 'imagenet-1k'), 'in12k': ('ImageNet-12k', 'imagenet-12k'),
+             'in21k': ('ImageNet-21k', 'imagenet-21k'), 'in22k': ('ImageNet-22k', 'imagenet-22k'),
+             'cifar100': ('CIFAR-100', 'cifar100'), 'c100': ('CIFAR-100', 'cifar100'),
+             'cifar10': ('CIFAR-10', 'cifar10'), 'c10': ('CIFAR-10', 'cifar10')}
+
+# every card cites timm, after the family's papers
+_TIMM_CITATION = r"""@misc{rw2019timm,
+  author = {Ross Wightman},
+  title = {PyTorch Image Models},
+  year = {2019},
+  publisher = {GitHub},
+  journal = {GitHub repository},
+  doi = {10.5281/zenodo.4414861},
+  howpublished = {\url{https://github.com/huggingface/pytorch-image-models}}
+}"""
+
+# train.py args a card lists for exported weights, with their labels
+_TRAIN_ARGS = (
+    ('epochs', 'epochs'), ('opt', 'optimizer'), ('lr', 'learning rate'), ('momentum', 'momentum'),
+    ('weight_decay', 'weight decay'), ('batch_size', 'batch size (per process)'), ('sched', 'schedule'),
+    ('decay_milestones', 'decay milestones'), ('decay_rate', 'decay rate'), ('warmup_epochs', 'warm-up epochs'),
+    ('smoothing', 'label smoothing'), ('mixup', 'mixup'), ('cutmix', 'cutmix'), ('aa', 'auto-augment'),
+    ('reprob', 'random erasing'), ('drop_path', 'drop path'), ('model_ema', 'model EMA'),
+    ('model_ema_decay', 'EMA decay'), ('amp', 'mixed precision'), ('img_size', 'image size'),
+    ('input_size', 'input size'), ('crop_pct', 'eval crop_pct'), ('interpolation', 'interpolation'),
+    ('seed', 'seed'), ('world_size', 'processes'),
+)
 
 
 @dataclass
-class ModelStats:
-    params: int
-    gmacs: float
-    activations: int
-    input_size: Tuple[int, int, int]
-    feature_shapes: Optional[List[Tuple[int, ...]]]
-    features_shape: Tuple[int, ...]
-    embed_shape: Tuple[int, ...]
+class WeightsInfo:
+    """Where a card's weights come from (export) and what was measured on them."""
+    source: str
+    description: str
+    epoch: Optional[int] = None
+    ema: bool = False
+    layout: str = 'timm'
+    train_args: Dict[str, Any] = field(default_factory=dict)
+    measured: List[str] = field(default_factory=list)
+    data_config: Dict[str, Any] = field(default_factory=dict)
 
+
+# ---- facts measured on / read from the model ----------------------------------------------------------------
 
 def count_activations_and_flops(model: nn.Module, input_size: Sequence[int]) -> Tuple[int, float]:
     """(activations, GFLOPs) of one forward pass at ``input_size`` (C, H, W).
 
-    Activations: the number of elements output by the model's convolution and linear layers (forward
-    hooks), the quantity timm's model cards list as "Activations" (fvcore's count, which additionally
-    counts matrix products). GFLOPs: ``cli.count_gflops`` (torch.utils.flop_counter, multiply-add = 2).
+    Activations: the elements output by the convolution and linear layers (forward hooks), what timm's cards list
+    as "Activations" (fvcore's count, which also counts matrix products). GFLOPs: ``zoo.count_gflops``.
     """
     total = [0]
-
-    def hook(module, inputs, output):
-        total[0] += output.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [m.register_forward_hook(lambda mod, i, out: total.__setitem__(0, total[0] + out.numel()))
+               for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     try:
         gflops = count_gflops(model, input_size)
     finally:
@@ -61,10 +90,10 @@ def count_activations_and_flops(model: nn.Module, input_size: Sequence[int]) -> 
 
 
 def measure_model(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None,
-                  input_size: Optional[Sequence[int]] = None, model: Optional[nn.Module] = None) -> ModelStats:
-    """Params, GMACs and activations of ``model_name`` built with ``model_kwargs`` (on the meta device)
-    at ``input_size`` (default: its pretrained cfg's), and the shapes its usage examples print. ``model``:
-    that network already built on the meta device (it is not built again)."""
+                  input_size: Optional[Sequence[int]] = None, model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """``params``, ``gmacs``, ``activations`` of ``model_name`` built with ``model_kwargs`` (on the meta device) at
+    ``input_size`` (default: its pretrained cfg's), and the shapes its usage examples print (``feature_shapes``:
+    None without ``features_only`` support). ``model``: that network, already built on the meta device."""
     kwargs = dict(model_kwargs or {})
     model = (model or timm.create_model(model_name, device='meta', **kwargs)).eval()
     input_size = tuple(input_size or timm.models.get_model_input_config(model)['input_size'])
@@ -80,394 +109,377 @@ def measure_model(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None
         fmodel = timm.create_model(model_name, device='meta', features_only=True, **kwargs).eval()
         with torch.no_grad():
             feature_shapes = [tuple(o.shape) for o in fmodel(x)]
-    except Exception:  # a family without features_only support: the card says so
+    except Exception:  # a model without features_only support: its card says so
         pass
-    return ModelStats(count_params(model), gflops / 2, activations, input_size, feature_shapes,
-                      tuple(feats.shape), tuple(embed.shape))
-
-
-# ---- model cards ---------------------------------------------------------------------------------------
-
-@dataclass
-class WeightsInfo:
-    """Where a card's weights come from (export) and what was measured on them."""
-    source: str
-    description: str
-    epoch: Optional[int] = None
-    ema: bool = False
-    layout: str = 'timm'
-    train_args: Dict[str, Any] = field(default_factory=dict)
-    measured: List[str] = field(default_factory=list)
-    data_config: Dict[str, Any] = field(default_factory=dict)
-
-
-def cards_dir() -> Path:
-    """``hub_cards/``: in an installed wheel ``timm_gsop/hub_cards`` (package data), in a source checkout
-    (or an editable install) the repository's ``hub_cards/``."""
-    here = Path(__file__).resolve().parent
-    for path in (here / 'hub_cards', here.parent / 'hub_cards'):
-        if (path / 'template.md').is_file():
-            return path
-    raise FileNotFoundError(f'hub_cards/ (model card template and facts) not found next to {here}')
-
-
-@lru_cache(maxsize=None)
-def _load_yaml(path: str) -> Any:
-    with open(path, encoding='utf-8') as f:
-        return yaml.safe_load(f)
-
-
-def _families() -> List[Dict[str, Any]]:
-    return [_load_yaml(str(p)) for p in sorted((cards_dir() / 'families').glob('*.yaml'))]
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+    return dict(params=count_params(model), gmacs=gflops / 2, activations=activations, input_size=input_size,
+                feature_shapes=feature_shapes, features_shape=tuple(feats.shape), embed_shape=tuple(embed.shape))
 
 
 def _stage_list(stages: Sequence[int]) -> str:
-    if not stages:
-        return 'none'
     if len(stages) > 2 and list(stages) == list(range(stages[0], stages[-1] + 1)):
         return f'{stages[0]}-{stages[-1]}'
     return ', '.join(map(str, stages[:-1])) + (' and ' if len(stages) > 1 else '') + str(stages[-1])
 
 
 def describe_model(model: nn.Module) -> Dict[str, str]:
-    """The numbers a card's text states, read from ``model`` (its modules and cfg; meta device is fine):
-    ``gsop_dim``, ``gsop_placement`` (which blocks), ``gsop_count``, ``last_stage``, ``final_map``,
-    ``num_features``, ``isqrt_dim``, ``isqrt_iters``, ``isqrt_features``. The family facts files refer to
-    them as ``{name}``; a card never states a dimension the model does not have."""
+    """The numbers a card's prose states, read from ``model`` (its modules and cfg; meta device is fine):
+    ``gsop_dim``, ``gsop_placement``, ``gsop_count``, ``last_stage``, ``final_map``, ``num_features``,
+    ``isqrt_dim``, ``isqrt_iters``, ``isqrt_features``. The family files name them as ``{placeholders}``, so a
+    card never states a dimension its model does not have."""
     from .layers import ChannelGSoP, GSoPFusion, ISqrtCovPool, PositionGSoP
-    facts: Dict[str, str] = {}
-    stages = [(n, m) for n, m in model.named_children() if n.startswith('layer')]
-    dims, per_stage = set(), []
-    for idx, (_, stage) in enumerate(stages, start=1):
-        blocks = list(stage)
-        with_gsop = [i for i, b in enumerate(blocks) if isinstance(getattr(b, 'se', None),
-                                                                       (ChannelGSoP, PositionGSoP, GSoPFusion))]
-        for i in with_gsop:
-            se = blocks[i].se
-            dims.add((se.channel if isinstance(se, GSoPFusion) else se).dim)
-        per_stage.append((idx, with_gsop, len(blocks)))
+    dims, per_stage = set(), []  # per stage: (index, blocks with GSoP, number of blocks)
+    for idx, stage in enumerate((m for n, m in model.named_children() if n.startswith('layer')), start=1):
+        used = [i for i, b in enumerate(stage) if isinstance(getattr(b, 'se', None),
+                                                             (ChannelGSoP, PositionGSoP, GSoPFusion))]
+        dims.update((stage[i].se.channel if isinstance(stage[i].se, GSoPFusion) else stage[i].se).dim for i in used)
+        per_stage.append((idx, used, len(stage)))
     enabled = [idx for idx, used, _ in per_stage if used]
-    facts['gsop_count'] = str(sum(len(used) for _, used, _ in per_stage))
-    facts['gsop_dim'] = ' / '.join(map(str, sorted(dims))) or '-'
-    if enabled and all(used == [n - 1] for _, used, n in per_stage if used):
-        facts['gsop_placement'] = f'the last block of stage{"s" if len(enabled) > 1 else ""} {_stage_list(enabled)}'
-    else:
-        facts['gsop_placement'] = f'every block of stage{"s" if len(enabled) > 1 else ""} {_stage_list(enabled)}'
+    where = 'the last block' if enabled and all(used == [n - 1] for _, used, n in per_stage if used) else 'every block'
+    facts = {'gsop_count': str(sum(len(used) for _, used, _ in per_stage)),
+             'gsop_dim': ' / '.join(map(str, sorted(dims))) or '-',
+             'gsop_placement': f'{where} of stage{"s" if len(enabled) > 1 else ""} '
+                               f'{_stage_list(enabled) if enabled else "none"}',
+             'num_features': str(getattr(model, 'num_features', '-'))}
     info = getattr(model, 'feature_info', None)
     if isinstance(info, list) and len(info) >= 2:
-        facts['last_stage'] = ('stride 1 without dilation' if info[-1]['reduction'] == info[-2]['reduction']
-                               else 'stride 2')
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    if cfg.get('input_size') and cfg.get('pool_size'):
-        h, w = cfg['input_size'][1:]
-        facts['final_map'] = f"{cfg['pool_size'][0]}x{cfg['pool_size'][1]} final map at {h}x{w}"
-    facts['num_features'] = str(getattr(model, 'num_features', '-'))
+        same = info[-1]['reduction'] == info[-2]['reduction']
+        facts['last_stage'] = 'stride 1 without dilation' if same else 'stride 2'
+        h, w = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[1:]
+        r = info[-1]['reduction']  # the model's own stride, not the cfg's pool_size (which kwargs do not update)
+        facts['final_map'] = f'{h // r}x{w // r} final map at {h}x{w}'
     pool = getattr(model, 'global_pool', None)
     if isinstance(pool, ISqrtCovPool):
-        facts.update(isqrt_dim=str(pool.dim), isqrt_iters=str(pool.num_iters),
-                     isqrt_features=f'{pool.out_features:,}')
+        facts.update(isqrt_dim=str(pool.dim), isqrt_iters=str(pool.num_iters), isqrt_features=f'{pool.out_features:,}')
     return facts
 
 
-class _Facts(dict):
-    """``str.format_map`` mapping that names an unknown placeholder instead of raising a bare KeyError."""
+# ---- facts about the family, the dataset, the training run ----------------------------------------------------
 
-    def __missing__(self, key):
-        raise KeyError(f'card facts use {{{key}}}, which describe_model does not provide for this model')
-
-
-def _fill(value: Any, numbers: Mapping[str, str]) -> Any:
-    if isinstance(value, str):
-        return value.format_map(_Facts(numbers))
-    if isinstance(value, list):
-        return [_fill(v, numbers) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, numbers) for k, v in value.items()}
-    return value
+def cards_dir() -> Path:
+    """``hub_cards/``: in an installed wheel ``timm_gsop/hub_cards`` (package data), in a source checkout (or an
+    editable install) the repository's ``hub_cards/``."""
+    here = Path(__file__).resolve().parent
+    for path in (here / 'hub_cards', here.parent / 'hub_cards'):
+        if (path / 'families').is_dir():
+            return path
+    raise FileNotFoundError(f'hub_cards/ (the model families\' card facts) not found next to {here}')
 
 
-def card_facts(model_name: str, model: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """Facts for ``model_name``'s card: the family file whose ``match`` fits merged with its first fitting
-    variant, over generic facts derived from the model's pretrained cfg and docstring. ``{placeholders}`` in
-    the texts are filled from :func:`describe_model` of ``model`` (default: the registered model, on meta)."""
-    arch, _ = timm.models.split_model_name_tag(model_name)
-    cfg = timm.models.get_pretrained_cfg(model_name).to_dict()
-    doc = (timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].strip().rstrip('.')
-    generic = _load_yaml(str(cards_dir() / 'generic.yaml'))
-    facts = {
-        'family': None,
-        'summary': generic['summary'].format(doc=doc),
-        'architecture': generic['architecture'].format(doc=doc),
-        'recipe': generic.get('recipe', ''),
-        'license': cfg.get('license') or generic['license'],
-        'papers': [],
-        'original': cfg.get('origin_url'),
-        'citation': [],
-        'reported': [],
-        'name': None,
-        'schedule': None,
-    }
-    for paper_id in (cfg.get('paper_ids') or '').replace(';', ',').split(','):
-        paper_id = paper_id.strip()
-        if paper_id:
-            url = f'https://arxiv.org/abs/{paper_id[6:]}' if paper_id.lower().startswith('arxiv:') else paper_id
-            facts['papers'].append({'title': cfg.get('paper_name') or paper_id, 'url': url})
+@lru_cache(maxsize=None)
+def _families() -> Tuple[Dict[str, Any], ...]:
+    files = sorted((cards_dir() / 'families').glob('*.yaml'))
+    return tuple(yaml.safe_load(p.read_text(encoding='utf-8')) for p in files)
+
+
+def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def _family_facts(arch: str, numbers: Mapping[str, str]) -> Dict[str, Any]:
+    """The first family file whose ``match`` fits ``arch``, its first fitting variant merged over it (a variant's
+    ``papers`` / ``citation`` are added to the family's) and its ``reported`` results for ``arch``; the prose's
+    ``{placeholders}`` filled from ``numbers`` (:func:`describe_model`)."""
     family = next((f for f in _families() if _matches(arch, f.get('match'))), None)
-    if family is not None:
-        facts.update({k: v for k, v in family.items() if k not in ('match', 'variants', 'reported')})
-        facts['reported'] = [r for r in family.get('reported', []) if _matches(arch, r.get('models'))]
-        variant = next((v for v in family.get('variants', []) if _matches(arch, v.get('match'))), {})
-        for key, value in variant.items():
-            if key in ('papers', 'citation'):
-                facts[key] = list(facts.get(key) or []) + list(value)
-            elif key != 'match':
-                facts[key] = value
-    facts['citation'] = list(facts.get('citation') or []) + list(generic.get('citation') or [])
-    if model is None:
-        model = timm.create_model(model_name, device='meta')
-    numbers = describe_model(model)
+    if family is None:
+        return {}
+    facts = {k: v for k, v in family.items() if k not in ('match', 'variants', 'reported')}
+    facts['reported'] = [r for r in family.get('reported', []) if _matches(arch, r.get('models'))]
+    variant = next((v for v in family.get('variants', []) if _matches(arch, v.get('match'))), {})
+    for key, value in variant.items():
+        if key != 'match':
+            facts[key] = list(facts.get(key) or []) + list(value) if key in ('papers', 'citation') else value
     for key in ('summary', 'architecture', 'recipe', 'schedule', 'name'):
-        facts[key] = _fill(facts.get(key), numbers)
+        if isinstance(facts.get(key), str):
+            facts[key] = facts[key].format_map(numbers)
     return facts
 
 
 def dataset_for_tag(tag: str) -> Optional[Dict[str, str]]:
-    """The dataset of a pretrained tag (``datasets.yaml``: the tag, or its last '_'-separated part)."""
-    table = _load_yaml(str(cards_dir() / 'datasets.yaml'))
-    return (table.get(tag) or table.get(tag.rsplit('_', 1)[-1])) if tag else None
+    """``{'name', 'hub_id'}`` of a pretrained tag's dataset (the tag, or its last '_'-separated part), else None."""
+    found = _DATASETS.get(tag) or _DATASETS.get(tag.rsplit('_', 1)[-1]) if tag else None
+    return dict(name=found[0], hub_id=found[1]) if found else None
 
 
-def _dataset(name: Optional[str], tag: str, num_classes: Any, cfg: Mapping[str, Any]) -> Optional[Dict[str, str]]:
-    """An explicit dataset (a datasets.yaml key or a Hub dataset id), else the tag's dataset when the model
-    keeps the tag's classes (a model with another num_classes was trained on something else)."""
-    if name:
-        return dataset_for_tag(name) or {'name': name, 'hub_id': name}
-    if num_classes is not None and num_classes != cfg.get('num_classes'):
-        return None
-    return dataset_for_tag(tag)
+def initialisation_source(args: Mapping[str, Any]) -> Optional[str]:
+    """Where train.py started from, by its ``args``: ``--pretrained-path``, ``--initial-checkpoint`` or the model's
+    own pretrained weights (None: from scratch). ``pretrained=True`` loads through the family's
+    ``checkpoint_filter_fn``, which makes a plain network's checkpoint a warm start: the card says so."""
+    warm = ' (GSoP modules it had no tensors for were initialised function-preserving, a warm start)'
+    if args.get('pretrained') and args.get('pretrained_path'):
+        return f"`{args['pretrained_path']}`{warm}"
+    if args.get('initial_checkpoint'):
+        return f"`{args['initial_checkpoint']}` (train.py --initial-checkpoint)"
+    return f"the model's pretrained weights{warm}" if args.get('pretrained') else None
 
 
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return f"torch.Size([{', '.join(map(str, shape))}])"
+def _non_default_args(model_name: str, model_args: Mapping[str, Any], cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The model args that differ from what ``create_model(model_name)`` builds (an export's config.json records
+    num_classes, in_chans and global_pool even when they are the defaults)."""
+    defaults = {'num_classes': cfg.get('num_classes'), 'in_chans': (cfg.get('input_size') or (3,))[0]}
+    if 'global_pool' in model_args:
+        defaults['global_pool'] = timm.create_model(model_name, device='meta').global_pool.pool_type
+    return {k: v for k, v in model_args.items() if k not in defaults or v != defaults[k]}
 
 
-def _reported_table(rows: List[Mapping[str, Any]]) -> str:
-    derived = []
+def card_facts(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, repo_id: Optional[str] = None,
+               weights: Optional[WeightsInfo] = None, dataset: Optional[str] = None) -> Dict[str, Any]:
+    """Everything the card of ``model_name`` built with ``model_kwargs`` states, as one dict (arguments as
+    :func:`render_card`'s)."""
+    arch, tag = timm.models.split_model_name_tag(model_name)
+    cfg = timm.models.get_pretrained_cfg(model_name).to_dict()
+    tag = tag or cfg.get('tag') or ''
+    name = f'{arch}.{tag}' if tag else arch
+    model_kwargs = dict(model_kwargs or {})
+    model = timm.create_model(name, device='meta', **model_kwargs)
+    doc = (timm.models.model_entrypoint(arch).__doc__ or arch).strip().splitlines()[0].strip().rstrip('.')
+    papers = [p.strip() for p in (cfg.get('paper_ids') or '').replace(';', ',').split(',') if p.strip()]
+    facts = {  # a model without a family file: what its pretrained cfg and docstring say
+        'family': None, 'name': None, 'schedule': None, 'recipe': '', 'reported': [],
+        'summary': f'A timm-gsop image classification model ({doc}), implemented on timm by timm-gsop.',
+        'architecture': doc, 'license': cfg.get('license') or 'mit', 'original': cfg.get('origin_url'),
+        'papers': [{'title': cfg.get('paper_name') or p,
+                    'url': f'https://arxiv.org/abs/{p[6:]}' if p.lower().startswith('arxiv:') else p} for p in papers],
+    }
+    facts.update(_family_facts(arch, describe_model(model)))
+    for key in ('summary', 'architecture', 'recipe', 'schedule', 'name'):
+        if isinstance(facts[key], str):
+            facts[key] = ' '.join(facts[key].split())  # YAML folding may leave line breaks
+    facts['citation'] = list(facts.get('citation') or []) + [_TIMM_CITATION]
+    # exported weights are measured at the input size their config.json records (train.py's, if it set one)
+    input_size = (weights.data_config or {}).get('input_size') if weights else None
+    facts.update(measure_model(name, model_kwargs, input_size=input_size, model=model))
+    # an explicit dataset (a tag like 'in1k' or a Hub dataset id), else the tag's while the model keeps its classes
+    if dataset:
+        facts['dataset'] = dataset_for_tag(dataset) or {'name': dataset, 'hub_id': dataset}
+    elif model_kwargs.get('num_classes') in (None, cfg.get('num_classes')):
+        facts['dataset'] = dataset_for_tag(tag)
+    else:
+        facts['dataset'] = None
+    facts.update(
+        model=name, model_args=_non_default_args(name, model_kwargs, cfg),
+        # the usage examples load the repo of exported weights or an explicit repo, else the registry name (whose
+        # cfg says where its weights are)
+        model_ref=f'hf-hub:{repo_id}' if repo_id or weights else name,
+        repo_id=repo_id or cfg.get('hf_hub_id') or f'{HUB_NAMESPACE}/{name}',
+        hf_hub_id=cfg.get('hf_hub_id'), weights_url=cfg.get('url') or cfg.get('file'),
+        weights=dataclasses.asdict(weights) if weights else None)
+    return facts
+
+
+# ---- the card --------------------------------------------------------------------------------------------------
+
+def _bullets(details: Mapping[str, Any]) -> str:
+    """``- **key:** value`` lines; a list or dict value becomes indented sub-items (as timm's cards)."""
+    lines = []
+    for key, value in details.items():
+        if isinstance(value, (list, dict)):
+            items = value if isinstance(value, list) else [f'{k}: {v}' for k, v in value.items()]
+            lines += [f'- **{key}:**'] + [f'  - {v}' for v in items]
+        elif value:
+            lines.append(f'- **{key}:** {value}')
+    return '\n'.join(lines)
+
+
+def _reported_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Reported results; a paper gives accuracy or error, the other (100 minus it) is shown in italics."""
+    derived = False
 
     def pct(row, metric):
+        nonlocal derived
         acc, err = row.get(f'{metric}_acc'), row.get(f'{metric}_err')
         if acc is None and err is None:
             return '-', '-'
-        if acc is None:
-            derived.append(1)
-            return f'*{100 - float(err):.2f}*', f'{float(err):.2f}'
-        if err is None:
-            derived.append(1)
-            return f'{float(acc):.2f}', f'*{100 - float(acc):.2f}*'
-        return f'{float(acc):.2f}', f'{float(err):.2f}'
+        derived |= acc is None or err is None
+        acc_text = f'{float(acc):.2f}' if acc is not None else f'*{100 - float(err):.2f}*'
+        return acc_text, f'{float(err):.2f}' if err is not None else f'*{100 - float(acc):.2f}*'
 
     lines = ['| dataset | top-1 acc. (%) | top-5 acc. (%) | top-1 err. (%) | top-5 err. (%) | reported by |',
              '|---|---|---|---|---|---|']
     for row in rows:
         (a1, e1), (a5, e5) = pct(row, 'top1'), pct(row, 'top5')
         lines.append(f"| {row['dataset']} | {a1} | {a5} | {e1} | {e5} | {' '.join(str(row['source']).split())} |")
-    if derived:
-        lines.append('\n*Italic*: 100 minus the reported accuracy or error.')
-    return '\n'.join(lines)
+    return '\n'.join(lines) + ('\n\n*Italic*: 100 minus the reported accuracy or error.' if derived else '')
 
 
-def _non_default_args(model_name: str, model_args: Mapping[str, Any]) -> Dict[str, Any]:
-    """The recorded model args that differ from what ``create_model(model_name)`` builds by default."""
-    cfg = timm.models.get_pretrained_cfg(model_name).to_dict()
-    defaults = {'num_classes': cfg.get('num_classes'), 'in_chans': (cfg.get('input_size') or (3,))[0]}
-    out = {}
-    for k, v in model_args.items():
-        if k in defaults and v == defaults[k]:
-            continue
-        if k == 'global_pool':
-            default_pool = timm.models.get_model_args(timm.create_model(model_name, device='meta')).get('global_pool')
-            if v == default_pool:
-                continue
-        out[k] = v
-    return out
+def _shape(shape: Sequence[int]) -> str:
+    return f"({', '.join(map(str, shape))})"
 
 
-_TRAIN_ARG_KEYS = (
-    ('epochs', 'epochs'), ('opt', 'optimizer'), ('lr', 'learning rate'), ('momentum', 'momentum'),
-    ('weight_decay', 'weight decay'), ('batch_size', 'batch size (per process)'), ('sched', 'schedule'),
-    ('decay_milestones', 'decay milestones'), ('decay_rate', 'decay rate'), ('warmup_epochs', 'warm-up epochs'),
-    ('smoothing', 'label smoothing'), ('mixup', 'mixup'), ('cutmix', 'cutmix'), ('aa', 'auto-augment'),
-    ('reprob', 'random erasing'), ('drop_path', 'drop path'), ('model_ema', 'model EMA'),
-    ('model_ema_decay', 'EMA decay'), ('amp', 'mixed precision'), ('img_size', 'image size'),
-    ('input_size', 'input size'), ('crop_pct', 'eval crop_pct'), ('interpolation', 'interpolation'),
-    ('seed', 'seed'),
-)
-
-
-def initialisation_source(args: Mapping[str, Any]) -> Optional[str]:
-    """Where train.py started from, from its ``args``: ``--pretrained-path`` / ``--initial-checkpoint`` / the
-    model's own pretrained weights, and whether GSoP modules missing there were warm-started
-    (``--model-kwargs pretrained_strict=False``)."""
-    strict = (args.get('model_kwargs') or {}).get('pretrained_strict', True)
-    warm = (' (`pretrained_strict=False`: GSoP modules it lacks were initialised function-preserving, a warm '
-            'start)') if strict is False else ''
-    if args.get('pretrained') and args.get('pretrained_path'):
-        return f"`{args['pretrained_path']}`{warm}"
-    if args.get('initial_checkpoint'):
-        return f"`{args['initial_checkpoint']}` (train.py --initial-checkpoint)"
-    if args.get('pretrained'):
-        return f"the model's pretrained weights{warm}"
-    return None
-
-
-def _training_section(facts: Mapping[str, Any], weights: Optional[WeightsInfo]) -> str:
-    parts = []
-    if weights is not None and weights.train_args:
-        args = weights.train_args
-        items = []
-        for key, label in _TRAIN_ARG_KEYS:
-            value = args.get(key)
-            if value is None or value == '' or value is False:
-                continue
-            items.append(f'  - {label}: `{value}`')
-        world = args.get('world_size')
-        if world:
-            items.append(f'  - processes: `{world}`')
-        start = initialisation_source(args)
-        if start:
-            items.append(f'  - initialised from: {start}')
-        if items:
-            parts.append("- **These weights** (timm's train.py, from the `args` stored in the checkpoint):\n"
-                         + '\n'.join(items))
-    recipe = ' '.join(str(facts.get('recipe') or '').split())
-    schedule = ' '.join(str(facts.get('schedule') or '').split())
-    if recipe or schedule:
-        parts.append('- **Published recipe** (for reference; not necessarily how these weights were trained): '
-                     + ' '.join(p for p in (recipe, f'Schedule: {schedule}' if schedule else '') if p))
-    return '\n'.join(parts) if parts else 'No training details are recorded for this model.'
-
-
-def render_card(
-        model_name: str,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        repo_id: Optional[str] = None,
-        weights: Optional[WeightsInfo] = None,
-        dataset: Optional[str] = None,
-) -> str:
+def render_card(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, repo_id: Optional[str] = None,
+                weights: Optional[WeightsInfo] = None, dataset: Optional[str] = None) -> str:
     """The model card (README.md) of ``model_name`` built with ``model_kwargs``.
 
-    The Hub metadata follows timm's cards (``library_name: timm``, ``tags: [image-classification, timm]``,
-    ``license``, ``datasets``); params, GMACs and activations are measured on the model. ``repo_id`` is the
-    repo the usage examples load (default: the pretrained cfg's ``hf_hub_id``); ``weights`` describes
-    exported weights (source, EMA, measured results); ``dataset`` names the training dataset (a key of
-    ``hub_cards/datasets.yaml`` or a Hub dataset id; default: the tag's, unless num_classes differs from it).
+    ``repo_id``: the repo the usage examples load (default: the registry name, whose pretrained cfg says where its
+    weights are); ``weights``: exported weights (source, EMA, measured results); ``dataset``: the training dataset
+    (a tag such as ``in1k`` or a Hub dataset id; default: the tag's, unless num_classes differs from it).
     """
-    arch, tag = timm.models.split_model_name_tag(model_name)
-    cfg = timm.models.get_pretrained_cfg(model_name).to_dict()
-    tag = tag or cfg.get('tag') or ''
-    full_name = f'{arch}.{tag}' if tag else arch
-    model_kwargs = dict(model_kwargs or {})
-    model = timm.create_model(full_name, device='meta', **model_kwargs)
-    facts = card_facts(full_name, model)
-    # exported weights: measured at the input size their config.json records (train.py's, if it set one)
-    exported_size = (weights.data_config or {}).get('input_size') if weights is not None else None
-    stats = measure_model(full_name, model_kwargs, input_size=exported_size, model=model)
-    # usage examples load the repo of exported weights or an explicit repo, else the registry name (whose
-    # pretrained cfg says where its weights are)
-    model_ref = f'hf-hub:{repo_id}' if repo_id or weights is not None else full_name
-    repo_id = repo_id or cfg.get('hf_hub_id') or f'{HUB_NAMESPACE}/{full_name}'
-    dataset = _dataset(dataset, tag, model_kwargs.get('num_classes'), cfg)
-
     from huggingface_hub import ModelCardData
-    metadata_text = ModelCardData(
+    f = card_facts(model_name, model_kwargs, repo_id, weights, dataset)
+    w, ds = f['weights'], f['dataset']
+    metadata = ModelCardData(
         tags=['image-classification', 'timm'], library_name='timm', pipeline_tag='image-classification',
-        license=facts['license'], datasets=[dataset['hub_id']] if dataset and dataset.get('hub_id') else None,
-    ).to_yaml()
+        license=f['license'], datasets=[ds['hub_id']] if ds and ds.get('hub_id') else None).to_yaml()
 
-    chans, height, width = stats.input_size
-    non_default = _non_default_args(full_name, model_kwargs)
-    details = [
-        '- **Model Type:** Image classification / feature backbone',
-        '- **Model Stats:**',
-        f'  - Params (M): {stats.params / 1e6:.1f}',
-        f'  - GMACs: {stats.gmacs:.2f}',
-        f'  - Activations (M): {stats.activations / 1e6:.1f}',
-        f'  - Image size: {height} x {width}',
-    ]
-    arch_text = ' '.join(str(facts.get('architecture') or '').split())
-    if facts.get('name') or arch_text:
-        details.append(f"- **Architecture:** {facts.get('name') + ': ' if facts.get('name') else ''}{arch_text}")
-    details.append(f'- **timm-gsop model:** `{full_name}`'
-                   + (', built with ' + ', '.join(f'`{k}={v!r}`' for k, v in non_default.items())
-                      if non_default else ''))
-    if facts['papers']:
-        details.append('- **Papers:**')
-        details += [f"  - {' '.join(str(p['title']).split())}: {p['url']}" for p in facts['papers']]
-    details.append(f"- **Dataset:** {dataset['name'] if dataset else 'not recorded'}")
-    if facts.get('original'):
-        details.append(f"- **Original:** {facts['original']}")
-    stats_note = (
-        f'Params: {stats.params:,} parameters. GMACs: multiply-accumulates of the convolutions and matrix products '
-        f'in one forward pass at {chans}x{height}x{width} (torch.utils.flop_counter FLOPs / 2; `timm-gsop list` '
-        'shows the same count as GFLOPs, x2). Activations: elements output by the convolution and linear layers in '
-        'that pass, counted with forward hooks (timm cards count these too, with fvcore). All measured on the model '
-        'by timm-gsop.')
-
-    if weights is not None:
-        ema = ', EMA weights' if weights.ema else ''
-        epoch = f', epoch {weights.epoch}' if weights.epoch is not None else ''
+    if w:
         layout = {'released-gsop': ', in the layout of the released GSoP-Net code',
-                  'fast-mpn-cov': ', in the layout of the fast-MPN-COV code'}
-        weights_text = (f'The weights were exported by `timm-gsop export` from `{weights.source}` '
-                        f'({weights.description}{epoch}{ema}{layout.get(weights.layout, "")}) to safetensors.')
-    elif cfg.get('hf_hub_id'):
-        weights_text = f'The weights are published at `hf-hub:{repo_id}`.'
-    elif cfg.get('url') or cfg.get('file'):
-        weights_text = (f'`pretrained=True` loads the weights published by the original authors '
-                        f"({cfg.get('url') or cfg.get('file')}), converted to this model on load.")
+                  'fast-mpn-cov': ', in the layout of the fast-MPN-COV code'}.get(w['layout'], '')
+        epoch = f", epoch {w['epoch']}" if w['epoch'] is not None else ''
+        origin = (f"The weights were exported by `timm-gsop export` from `{w['source']}` ({w['description']}{epoch}"
+                  f"{', EMA weights' if w['ema'] else ''}{layout}) to safetensors.")
+    elif f['hf_hub_id']:
+        origin = f"The weights are published at `hf-hub:{f['repo_id']}`."
+    elif f['weights_url']:
+        origin = (f"`pretrained=True` loads the weights published by the original authors ({f['weights_url']}), "
+                  'converted to this model on load.')
     else:
-        weights_text = (f'No weights are published for `{full_name}` yet: this card describes the architecture. '
-                        'Publish weights with `timm-gsop export` and `timm-gsop push`.')
+        origin = (f"No weights are published for `{f['model']}` yet: this card describes the architecture. "
+                  'Publish weights with `timm-gsop export` and `timm-gsop push`.')
 
-    results = []
-    if facts['reported']:
-        note = (' This model is built with other arguments than the published configuration.'
-                if non_default else '')
-        results.append('### Reported by the papers (not measured on these weights)\n'
-                       'Numbers the cited sources report for the published configuration of this architecture; '
-                       f'timm-gsop did not measure them.{note}\n\n' + _reported_table(facts['reported']))
+    chans, height, width = f['input_size']
+    built_with = ', '.join(f'`{k}={v!r}`' for k, v in f['model_args'].items())
+    details = _bullets({
+        'Model Type': 'Image classification / feature backbone',
+        'Model Stats': {'Params (M)': f"{f['params'] / 1e6:.1f}", 'GMACs': f"{f['gmacs']:.2f}",
+                        'Activations (M)': f"{f['activations'] / 1e6:.1f}", 'Image size': f'{height} x {width}'},
+        'Architecture': f"{f['name'] + ': ' if f['name'] else ''}{f['architecture']}",
+        'timm-gsop model': f"`{f['model']}`" + (f', built with {built_with}' if built_with else ''),
+        'Papers': [f"{' '.join(str(p['title']).split())}: {p['url']}" for p in f['papers']] or None,
+        'Dataset': ds['name'] if ds else 'not recorded',
+        'Original': f['original'],
+    })
+
+    if f['reported']:
+        other = ' This model is built with other arguments than the published configuration.' if built_with else ''
+        results = ('### Reported by the papers (not measured on these weights)\nNumbers the cited sources report for '
+                   f'the published configuration of this architecture; timm-gsop did not measure them.{other}\n\n'
+                   + _reported_table(f['reported']))
     else:
-        results.append('### Reported by the papers\nThe papers report no results for this configuration.')
-    if weights is not None:
-        measured = '\n'.join(f'- {line}' for line in weights.measured) if weights.measured else \
-            'No evaluation results accompany these weights.'
-        results.append('### Measured on these weights\n' + measured)
+        results = '### Reported by the papers\nThe papers report no results for this configuration.'
+    if w:
+        results += '\n\n### Measured on these weights\n' + (
+            '\n'.join(f'- {line}' for line in w['measured']) or 'No evaluation results accompany these weights.')
 
-    embed_note = ''
-    if stats.feature_shapes is None:
-        embed_note = '`features_only=True` is not supported by this model.'
-    feature_shapes = '\n'.join(f'    #  {_fmt_shape(s)}' for s in (stats.feature_shapes or []))
-    citation = '\n'.join(f'```bibtex\n{c.strip()}\n```' for c in facts['citation'])
+    training = []
+    args = w['train_args'] if w else {}
+    run = [f'  - {label}: `{args[key]}`' for key, label in _TRAIN_ARGS
+           if args.get(key) is not None and args[key] != '' and args[key] is not False]
+    if initialisation_source(args):
+        run.append(f'  - initialised from: {initialisation_source(args)}')
+    if run:
+        training.append("- **These weights** (timm's train.py, from the `args` stored in the checkpoint):\n"
+                        + '\n'.join(run))
+    recipe = ' '.join(p for p in (f['recipe'], f"Schedule: {f['schedule']}" if f['schedule'] else '') if p)
+    if recipe:
+        training.append('- **Published recipe** (for reference; not necessarily how these weights were trained): '
+                        + recipe)
 
-    summary = ' '.join(str(facts['summary']).split())
-    template = string.Template((cards_dir() / 'template.md').read_text(encoding='utf-8'))
-    return template.substitute(
-        metadata=metadata_text,
-        title=repo_id.split('/')[-1],
-        summary=summary,
-        weights=weights_text,
-        details='\n'.join(details),
-        stats_note=stats_note,
-        results='\n\n'.join(results),
-        training=_training_section(facts, weights),
-        model_ref=model_ref,
-        feature_shapes=feature_shapes or '    #  (not supported)',
-        embed_shape=f'({", ".join(map(str, stats.embed_shape))})',
-        features_shape=f'({", ".join(map(str, stats.features_shape))})',
-        embed_note=embed_note,
-        citation=citation,
-    )
+    ref, embed = f['model_ref'], _shape(f['embed_shape'])
+    feature_shapes = '\n'.join(f'    #  torch.Size([{", ".join(map(str, s))}])' for s in f['feature_shapes'] or ()) \
+        or '    #  (not supported)'
+    image = ("img = Image.open(urlopen(\n    'https://huggingface.co/datasets/huggingface/documentation-images/"
+             "resolve/main/beignets-task-guide.png'\n))")
+    transforms = ('model = model.eval()\n\n# get model specific transforms (normalization, resize)\n'
+                  'data_config = timm.data.resolve_model_data_config(model)\n'
+                  'transforms = timm.data.create_transform(**data_config, is_training=False)')
+    citation = '\n'.join(f'```bibtex\n{c.strip()}\n```' for c in f['citation'])
+    return f"""---
+{metadata}
+---
+# Model card for {f['repo_id'].split('/')[-1]}
+
+{f['summary']}
+
+{origin}
+
+## Model Details
+{details}
+
+Params: {f['params']:,} parameters. GMACs: multiply-accumulates of the convolutions and matrix products in one \
+forward pass at {chans}x{height}x{width} (torch.utils.flop_counter FLOPs / 2; `timm-gsop list` shows the same count \
+as GFLOPs, x2). Activations: elements output by the convolution and linear layers in that pass, counted with forward \
+hooks (timm cards count these too, with fvcore). All measured on the model by timm-gsop.
+
+## Results
+{results}
+
+## Training
+{chr(10).join(training) or 'No training details are recorded for this model.'}
+
+## Model Usage
+These weights need the `timm-gsop` package (`pip install timm-gsop`): `import timm_gsop` registers its
+architectures with timm, after which the model loads like any timm model.
+
+### Image Classification
+```python
+from urllib.request import urlopen
+from PIL import Image
+import torch
+import timm
+import timm_gsop  # registers the timm-gsop architectures with timm
+
+{image}
+
+model = timm.create_model('{ref}', pretrained=True)
+{transforms}
+
+output = model(transforms(img).unsqueeze(0))  # unsqueeze single image into batch of 1
+
+top5_probabilities, top5_class_indices = torch.topk(output.softmax(dim=1) * 100, k=5)
+```
+
+### Feature Map Extraction
+```python
+from urllib.request import urlopen
+from PIL import Image
+import timm
+import timm_gsop
+
+{image}
+
+model = timm.create_model(
+    '{ref}',
+    pretrained=True,
+    features_only=True,
+)
+{transforms}
+
+output = model(transforms(img).unsqueeze(0))  # unsqueeze single image into batch of 1
+
+for o in output:
+    # print shape of each feature map in output
+    # e.g.:
+{feature_shapes}
+    print(o.shape)
+```
+
+### Image Embeddings
+```python
+from urllib.request import urlopen
+from PIL import Image
+import timm
+import timm_gsop
+
+{image}
+
+model = timm.create_model(
+    '{ref}',
+    pretrained=True,
+    num_classes=0,  # remove classifier nn.Linear
+)
+{transforms}
+
+output = model(transforms(img).unsqueeze(0))  # output is {embed} shaped tensor
+
+# or equivalently (without needing to set num_classes=0)
+
+output = model.forward_features(transforms(img).unsqueeze(0))
+# output is unpooled, a {_shape(f['features_shape'])} shaped tensor
+
+output = model.forward_head(output, pre_logits=True)
+# output is a {embed} shaped tensor
+```
+{'' if f['feature_shapes'] is not None else '`features_only=True` is not supported by this model.'}
+
+## Citation
+{citation}
+"""

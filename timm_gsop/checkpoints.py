@@ -10,6 +10,7 @@ import argparse
 import pickle
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
@@ -18,12 +19,13 @@ import torch
 import torch.nn as nn
 import timm
 
+from .models.gsop_resnet import WarmStartWarning
 from .zoo import list_gsop_models
 
 __all__ = [
     'UnsafeCheckpointError', 'CheckpointReadError', 'Checkpoint', 'read_checkpoint', 'family_filter',
     'kwargs_from_train_args', 'data_config_from_train_args', 'resolve_model_name', 'infer_from_weights',
-    'load_into',
+    'convert_state_dict', 'load_into',
 ]
 
 
@@ -227,8 +229,25 @@ def infer_from_weights(name: str, kwargs: Dict[str, Any], sd: Mapping[str, torch
     return kwargs
 
 
-def load_into(model: nn.Module, name: str, sd: Dict[str, torch.Tensor]) -> None:
+def convert_state_dict(name: str, sd: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``sd`` in ``model``'s names (the family's ``checkpoint_filter_fn``, its ``WarmStartWarning`` silenced: the
+    caller judges what was completed)."""
     filter_fn = family_filter(name)
-    if filter_fn is not None:
-        sd = filter_fn(sd, model)
-    model.load_state_dict(sd, strict=True)  # the model's own check names model and keys
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', WarmStartWarning)
+        return filter_fn(dict(sd), model) if filter_fn is not None else dict(sd)
+
+
+def load_into(model: nn.Module, name: str, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load a checkpoint into ``model`` strictly (torch's error names the missing, unexpected and mis-shaped keys).
+
+    An export publishes trained weights, so a checkpoint the filter completed into a warm start (a plain network's)
+    is refused: the filter fills what the checkpoint lacks with the model's own tensors, found by their storage.
+    (BN step counters are left out: the released code predates them.)"""
+    sd = convert_state_dict(name, sd, model)
+    model.load_state_dict(sd, strict=True)
+    own = {k: t.data_ptr() for k, t in model.state_dict().items() if not k.endswith('num_batches_tracked')}
+    filled = sorted({k.rsplit('.', 1)[0] for k, t in sd.items() if own.get(k) == t.data_ptr()})
+    if filled:
+        raise ValueError(f'The checkpoint has no tensors for {", ".join(filled)} of {name}: exported, they would '
+                         'be untrained (a warm start). Train from it (train.py --pretrained-path), then export.')

@@ -20,7 +20,7 @@ import timm
 from timm.models import clean_state_dict
 
 from .cards import HUB_NAMESPACE, WeightsInfo, render_card
-from .checkpoints import Checkpoint, data_config_from_train_args, family_filter, infer_from_weights, \
+from .checkpoints import Checkpoint, convert_state_dict, data_config_from_train_args, infer_from_weights, \
     kwargs_from_train_args, load_into, read_checkpoint, resolve_model_name
 from .models.gsop_resnet import checkpoint_layout
 
@@ -75,7 +75,7 @@ def export_checkpoint(
     sd = clean_state_dict(ckpt.ema_state_dict if used_ema else ckpt.state_dict)
     layout = checkpoint_layout(sd)
     if layout == 'fast-mpn-cov':
-        # its triangle vector is ordered differently from GSoP-Net2's: only the iSQRT-COV family converts it
+        # an iSQRT-COV network: exported under its own name (isqrt_resnet*), whose config and card describe it
         if not timm.models.split_model_name_tag(name)[0].startswith('isqrt_'):
             raise ValueError(
                 f'{ckpt.path} is a fast-MPN-COV (iSQRT-COV) checkpoint: export it as isqrt_resnet50 / '
@@ -88,9 +88,8 @@ def export_checkpoint(
     kwargs = kwargs_from_train_args(ckpt.args)
     kwargs.update(model_kwargs or {})
     # the family's filter names the tensors as ours (released layouts), then classifier / stem sizes tell
-    # num_classes / in_chans where neither the args nor the caller set them
-    filter_fn = family_filter(name)
-    canonical = filter_fn(dict(sd), timm.create_model(name, device='meta', **kwargs)) if filter_fn else sd
+    # num_classes / in_chans where neither the args nor the caller set them (on the meta device: shapes only)
+    canonical = convert_state_dict(name, sd, timm.create_model(name, device='meta', **kwargs))
     kwargs = infer_from_weights(name, kwargs, canonical)
     net = timm.create_model(name, **kwargs)
     load_into(net, name, sd)

@@ -143,13 +143,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, compile_model=args.compile,
         amp_dtype=bench.AMP_DTYPES[args.amp] if args.amp else None, memory=not args.no_memory, progress=log)
     ops = bench.bench_ops(repeats=args.repeats) if args.ops else None
+    # glibc's allocator settings change CPU timings (benchmarks/cpu.sh sets them): recorded with the results
+    malloc = {k: v for k, v in sorted(os.environ.items()) if k.startswith('MALLOC_')}
     meta = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(),
-            'command': 'timm-gsop ' + ' '.join(sys.argv[1:]) if sys.argv else ''}
+            'malloc_env': malloc, 'command': 'timm-gsop ' + ' '.join(sys.argv[1:]) if sys.argv else ''}
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'meta': meta, 'models': results, 'ops': ops}, f, indent=2)
     print(f'torch {meta["torch"]}, timm {meta["timm"]}, {meta["threads"]} threads, device {args.device}, '
-          f'{args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
+          + ''.join(f'{k}={v}, ' for k, v in malloc.items())
+          + f'{args.img_size}x{args.img_size}, medians [min, max] over {args.repeats} interleaved repeats')
     print(bench.format_results(results, ops))
     return 0
 

@@ -189,7 +189,7 @@ def test_real_train_resume_validate(tmp_path):
                                                               'benchmark.py and onnx_export.py')
 def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
     """timm's benchmark.py and onnx_export.py (TorchScript exporter, its default) through `timm-gsop run`, and
-    train.py warm-starting GSoP-Net1 from a plain ResNet-50 file (--pretrained-path, pretrained_strict=False)."""
+    train.py warm-starting GSoP-Net1 from a plain ResNet-50 file (--pretrained-path, nothing else)."""
     import safetensors.torch
     scripts = os.environ['TIMM_SCRIPTS']
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -216,7 +216,7 @@ def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(scripts, 'train.py'), str(tmp_path / 'data'), '--device-modules', 'timm_gsop',
          '--model', 'gsop_resnet50', '--pretrained', '--pretrained-path', str(tmp_path / 'resnet50.safetensors'),
-         '--model-kwargs', 'pretrained_strict=False', *tiny, '--num-classes', '2', '--img-size', '32', '-b', '4',
+         '--model-kwargs', *tiny, '--num-classes', '2', '--img-size', '32', '-b', '4',
          '--epochs', '1', '--device', 'cpu', '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'w'],
         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -44,17 +44,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_tensor_bytes(fn: Callable[[], None]) -> int:
-    """Peak bytes of CPU tensor memory held during ``fn()`` above what was held before it: the running sum of
-    the allocations and frees torch's profiler records (what ``torch.cuda.max_memory_allocated`` reports on
-    CUDA), independent of how the C library's allocator keeps freed memory."""
-    from torch.profiler import ProfilerActivity, profile
+def _peak_tensor_bytes(fn: Callable[[], None], warmup: Callable[[], None]) -> int:
+    """Peak bytes of CPU tensor memory held during ``fn()`` above what was held before it, ``warmup()`` run first:
+    the running sum of the allocations and frees torch's profiler records (what ``torch.cuda.max_memory_allocated``
+    gives on CUDA), independent of how the C library's allocator keeps freed memory. ``warmup`` runs under the
+    profiler too: it records no size for the free of a block allocated before it started (last step's gradients)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.name == '[memory]'), key=lambda e: e.time_range.start)
+        warmup()
+        with record_function('measured'):
+            fn()
+    # the raw allocation (+) and free (-) records: prof.events() folds allocations into the ops that made them
+    events = prof.profiler.kineto_results.events()
+    start = next(e.start_ns() for e in events if e.name() == 'measured')
+    records = [e for e in events if e.name() == '[memory]' and e.start_ns() >= start]
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return peak
 
@@ -101,7 +107,8 @@ class _Runner:
         return self.batch * steps / (time.perf_counter() - start)
 
     def peak_train_memory(self) -> int:
-        """Peak memory of one train step above what was held before it (bytes)."""
+        """Peak memory of one train step above what was held before it (bytes); call it after a first step (the
+        gradients, the optimizer state and any compiled code exist)."""
         if self.device.type == 'cuda':
             _sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -109,7 +116,7 @@ class _Runner:
             self.train_step()
             _sync(self.device)
             return torch.cuda.max_memory_allocated(self.device) - before
-        return _peak_tensor_bytes(self.train_step)
+        return _peak_tensor_bytes(self.train_step, warmup=self.train_step)
 
 
 def _summary(values: Sequence[float]) -> Dict[str, float]:
@@ -232,7 +239,7 @@ def check_amp_training(
         scaler.step(opt)
         scaler.update()
     return dict(model=spec, amp=str(amp_dtype).replace('torch.', ''), steps=steps, nonfinite_steps=bad,
-                final_loss=float(loss), gate_dtypes=sorted(gate_dtypes))
+                final_loss=loss.item(), gate_dtypes=sorted(gate_dtypes))
 
 
 # ---- op-level comparisons with the released formulations ---------------------------------------------------

@@ -22,9 +22,10 @@ its predictions on the test set are compared with the trained model's.
 
 Then the warm start (README: "Start from pretrained weights"): a GSoP-Net1 on the first-order network's own
 backbone is created from the first-order network's weights with
-``timm.create_model(..., pretrained=True, pretrained_strict=False, pretrained_cfg_overlay=dict(file=...))``; its
-GSoP modules start function-preserving, so before any step it scores exactly what the first-order network
-scores. It is fine-tuned for a few epochs and shown next to GSoP-Net1 trained from scratch, with wall times.
+``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``; the model's checkpoint
+filter starts the GSoP modules that file lacks function-preserving, so before any step it scores exactly what
+the first-order network scores. It is fine-tuned for a few epochs and shown next to GSoP-Net1 trained from
+scratch, with wall times.
 """
 import math
 import os
@@ -201,7 +202,7 @@ def export_and_reload(model: nn.Module, out_dir: str, x: torch.Tensor, image_siz
 
 def warm_start_from(first_order: nn.Module, spec: DemoModel, out_dir: str) -> nn.Module:
     """GSoP-Net1 on ``first_order``'s backbone, warm-started from its weights the way a user would: save them,
-    then ``timm.create_model(..., pretrained=True, pretrained_strict=False, pretrained_cfg_overlay=dict(file))``.
+    then ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``.
     ``spec`` is the first-order model's; the GSoP blocks use its widths (``gsop_dim`` = its first stage's)."""
     import warnings
 
@@ -216,7 +217,7 @@ def warm_start_from(first_order: nn.Module, spec: DemoModel, out_dir: str) -> nn
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', WarmStartWarning)  # the demo prints its own line
         return timm.create_model(
-            'gsop_preresnet164_cifar', pretrained=True, pretrained_strict=False, num_classes=len(LABEL_NAMES),
+            'gsop_preresnet164_cifar', pretrained=True, num_classes=len(LABEL_NAMES),
             pretrained_cfg_overlay=dict(file=path, num_classes=len(LABEL_NAMES)), **kwargs)
 
 
@@ -333,6 +334,7 @@ def _warm_start_section(first_order, spec, rows, x_train, y_train, x_test, y_tes
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
+        torch.manual_seed(seed)  # the GSoP modules' initialisation, as each model's above: not the RNG's leftovers
         model = warm_start_from(first_order, spec, tmp)
         create_seconds = time.perf_counter() - start
     before = evaluate(model, x_test, y_test)
@@ -358,9 +360,9 @@ def _warm_start_section(first_order, spec, rows, x_train, y_train, x_test, y_tes
         table.append(('GSoP-Net1 from scratch (above)', f"{scratch['accuracy']:.1f}%", f"{scratch['train_seconds']:.1f} s"))
     say()
     say("Warm start: GSoP-Net1 on the first-order network's backbone, created from its weights with "
-        "timm.create_model('gsop_preresnet164_cifar', pretrained=True, pretrained_strict=False, "
-        "pretrained_cfg_overlay=dict(file=...)): its GSoP gates start at 0.5 and what they scale is doubled, so "
-        'before any step it computes what the first-order network computes.')
+        "timm.create_model('gsop_preresnet164_cifar', pretrained=True, pretrained_cfg_overlay=dict(file=...)): "
+        'its GSoP gates start at 0.5 and what they scale is doubled, so before any step it computes what the '
+        'first-order network computes.')
     say(format_table(('model', 'test acc.', 'time'), table))
     return dict(accuracy_before=before, accuracy_after=after, seconds=seconds, epochs=epochs,
                 params=count_params(model), model=model)

@@ -1,6 +1,7 @@
 """How the package is put together: the model code (``layers/``, ``models/``) imports only torch, timm, the
 standard library and itself, layer by layer (ops -> modules -> model families -> tooling -> CLI); no file of it
-shares a name with one of timm's; nothing in the package reads private torch state or pokes the C library."""
+shares a name with one of timm's; nothing in the package reads private torch state, pokes the C library or
+builds a command line."""
 import ast
 import re
 import sys
@@ -103,5 +104,6 @@ def test_no_model_code_file_shares_a_name_with_timms():
 def test_no_private_torch_state_or_c_library_tricks(path):
     text = path.read_text()
     for pattern in (r'torch\._C\b', r'_global_\w*hook', r'torch\.nn\.modules\.module\._', r'\bctypes\b',
-                    r'/proc/self', r'mallopt', r'torch\._functorch', r'autograd\.Function\b'):
+                    r'/proc/self', r'mallopt', r'torch\._functorch', r'autograd\.Function\b',
+                    r'argparse\.ArgumentParser\(', r'add_parser\('):  # the command line is timm_gsop_cli's
         assert not re.search(pattern, text), f'{path.name}: {pattern}'

@@ -126,24 +126,6 @@ def test_bad_input_shapes_get_torchs_error(name, shape, message):
             fn(torch.randn(shape))
 
 
-def test_bad_options_name_value_and_choices():
-    with pytest.raises(ValueError, match=r"Unknown gsop_manner 'average'; valid choices: 'channel', 'position', "
-                                         r"'fusion_avg', 'fusion_max', 'fusion_concat'"):
-        timm.create_model('gsop_resnet50', gsop_manner='average')
-    with pytest.raises(ValueError, match=r"isqrt_iters must be a positive integer, got 0"):
-        timm.create_model('gsop2_resnet50', isqrt_iters=0)
-    with pytest.raises(ValueError, match=r"isqrt_iters must be a positive integer, got 2.5"):
-        timm.create_model('gsop2_resnet50', isqrt_iters=2.5)
-    with pytest.raises(ValueError, match=r"isqrt_dim must be a non-negative integer .* got -4"):
-        timm.create_model('gsop2_resnet50', isqrt_dim=-4)
-    with pytest.raises(ValueError, match=r"dim must be a positive integer, got 0"):
-        timm.create_model('gsop_resnet50', gsop_dim=0)
-    with pytest.raises(ValueError, match=r"Unknown global_pool 'cov'; valid choices: 'avg', .*'isqrt'"):
-        timm.create_model('gsop2_resnet50', global_pool='cov')
-    with pytest.raises(ValueError, match=r"Unknown last_stride 3; valid choices: 1, 2"):
-        timm.create_model('gsop_resnet50', last_stride=3)
-
-
 @pytest.mark.parametrize('name', ['gsop_resnet50', 'gsop2_resnet50'])
 def test_eval_determinism_and_batch_independence(name):
     model = _model(name, gsop_manner='fusion_avg').eval()

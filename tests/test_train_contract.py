@@ -374,18 +374,6 @@ def test_bf16_autocast_training_step_on_cpu(name):
 
 
 @pytest.mark.parametrize('name', [NET1, NET2])
-def test_grad_checkpointing_gives_the_same_gradients(name):
-    ref, ckpt = tiny(name), tiny(name)
-    ckpt.set_grad_checkpointing(True)
-    assert ckpt.grad_checkpointing
-    x, y = batch()
-    for model in (ref, ckpt):
-        nn.functional.cross_entropy(model.train()(x), y).backward()
-    for (n, a), b in zip(ref.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
-
-
-@pytest.mark.parametrize('name', [NET1, NET2])
 def test_channels_last(name):
     ref = tiny(name).eval()
     model = copy.deepcopy(ref).to(memory_format=torch.channels_last)

@@ -141,7 +141,8 @@ def assert_export_folder(folder, name, model):
     assert files == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == name.split('.')[0]
-    assert config['num_classes'] == model.num_classes == config['model_args']['num_classes']
+    # num_classes at the top level only: transformers' TimmWrapper passes it itself (test_clients.py)
+    assert config['num_classes'] == model.num_classes and 'num_classes' not in config.get('model_args', {})
     assert config['pretrained_cfg']['num_classes'] == model.num_classes
     assert {'input_size', 'mean', 'std', 'crop_pct', 'first_conv', 'classifier'} <= set(config['pretrained_cfg'])
     assert (folder / 'model.safetensors').read_bytes()[8:9] == b'{'  # safetensors, not a pickle
@@ -160,7 +161,7 @@ def test_export_timm_train_checkpoint_prefers_ema(tmp_path, net1):
     result = export.export_checkpoint(path, tmp_path / 'out')  # model and kwargs from the checkpoint's args
     assert result.used_ema and result.checkpoint.container == 'timm-train' and result.model_name == 'gsop_resnet50.in1k'
     config, card = assert_export_folder(tmp_path / 'out', 'gsop_resnet50', ema)
-    assert config['model_args'] == {'num_classes': 5, **TINY, 'in_chans': 3, 'global_pool': 'avg'}
+    assert config['model_args'] == {**TINY, 'in_chans': 3, 'global_pool': 'avg'} and config['num_classes'] == 5
     assert 'EMA weights' in card.text and 'epoch 2' in card.text
     assert 'top1 61.25' in card.text  # train.py's stored metric, for the EMA weights it evaluated
     assert 'epochs: `3`' in card.text and 'Published recipe' in card.text
@@ -222,7 +223,8 @@ def test_export_fast_mpncov_checkpoint(tmp_path):
     # fast-MPN-COV's arch names the model; its covariance vector is reordered on the way
     result = export.export_checkpoint(tmp_path / 'model_best.pth.tar', tmp_path / 'out',
                                    model_kwargs=dict(TINY_ISQRT))
-    assert result.layout == 'fast-mpn-cov' and result.model_name == 'isqrt_resnet50.mpncov_in1k'
+    # your own weights: the tag without a published file, not the default (the authors' fine-tuning start)
+    assert result.layout == 'fast-mpn-cov' and result.model_name == 'isqrt_resnet50.in1k'
     _, card = assert_export_folder(tmp_path / 'out', 'isqrt_resnet50', model)
     assert 'iSQRT-COV' in card.text and '22.14' in card.text  # the isqrt_cov facts, reported numbers
     # GSoP-Net2's loader would read the triangle vector in the wrong order: refused
@@ -403,7 +405,7 @@ def test_pretrained_without_published_weights_fails_at_once(monkeypatch):
 def test_list_models_pretrained_names_only_weights_that_exist(capsys):
     listed = set(timm.list_models(pretrained=True))
     ours = {full for name in list_gsop_models() for full in timm.list_models(name, include_tags=True)}
-    assert listed & ours == {'isqrt_resnet50.mpncov_in1k', 'isqrt_resnet101.mpncov_in1k'}
+    assert listed & ours == {'isqrt_resnet50.mpncov_finetune_start', 'isqrt_resnet101.mpncov_finetune_start'}
     for full in ours:
         cfg = timm.models.get_pretrained_cfg(full)
         assert bool(cfg.has_weights) == (full in listed), full
@@ -411,7 +413,7 @@ def test_list_models_pretrained_names_only_weights_that_exist(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('gsop_resnet50'))
     assert row.rstrip().endswith('-')
     assert main(['list', 'isqrt_resnet50']) == 0
-    assert 'mpncov_in1k' in capsys.readouterr().out
+    assert 'mpncov_finetune_start' in capsys.readouterr().out
 
 
 def test_a_published_tag_has_weights_and_its_card_says_where(monkeypatch):

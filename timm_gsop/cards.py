@@ -262,6 +262,7 @@ def card_facts(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, r
         model_ref=f'hf-hub:{repo_id}' if repo_id or weights else name,
         repo_id=repo_id or cfg.get('hf_hub_id') or f'{HUB_NAMESPACE}/{name}',
         hf_hub_id=cfg.get('hf_hub_id'), weights_url=cfg.get('url') or cfg.get('file'),
+        notes=[' '.join(str(n).split()) for n in cfg.get('notes') or ()],
         weights=dataclasses.asdict(weights) if weights else None)
     return facts
 
@@ -305,6 +306,34 @@ def _shape(shape: Sequence[int]) -> str:
     return f"({', '.join(map(str, shape))})"
 
 
+def _transformers_usage(ref: str, image: str) -> str:
+    """The card's transformers section: TimmWrapper reads an exported folder's config.json (export.py writes one it
+    loads); it builds the model with timm, so ``import timm_gsop`` comes first."""
+    text = ("### With transformers\n"
+            "transformers' `TimmWrapper` (`AutoModelForImageClassification`, `AutoModel`, "
+            "`pipeline('image-classification')`) loads a folder or Hub repo written by `timm-gsop export`. It builds "
+            "the network with `timm.create_model`, so `import timm_gsop` must come first: without it transformers "
+            "says the architecture \"is not supported in your version of timm\" and suggests upgrading timm, which "
+            "does not help; `pip install timm-gsop` and import it before loading.\n")
+    if not ref.startswith('hf-hub:'):
+        return text + (f'\n`{ref}` names a registry entry, not such a folder: `timm-gsop export CHECKPOINT --model '
+                       f"{ref.split('.')[0]} --out DIR` writes one from a checkpoint file.")
+    return text + f"""
+```python
+from urllib.request import urlopen
+from PIL import Image
+import timm_gsop  # first: registers the timm-gsop architectures with timm, which transformers builds them with
+from transformers import AutoModelForImageClassification, pipeline
+
+{image}
+
+classifier = pipeline('image-classification', model='{ref[len('hf-hub:'):]}')
+print(classifier(img))
+
+model = AutoModelForImageClassification.from_pretrained('{ref[len('hf-hub:'):]}').eval()  # logits as timm's
+```"""
+
+
 def render_card(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, repo_id: Optional[str] = None,
                 weights: Optional[WeightsInfo] = None, dataset: Optional[str] = None) -> str:
     """The model card (README.md) of ``model_name`` built with ``model_kwargs``.
@@ -334,6 +363,8 @@ def render_card(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, 
     else:
         origin = (f"No weights are published for `{f['model']}` yet: this card describes the architecture. "
                   'Publish weights with `timm-gsop export` and `timm-gsop push`.')
+    if f['notes'] and (not w or f['weights_url']):  # the tag's notes describe its published file
+        origin += ''.join(f'\n\n**Note:** {note}' for note in f['notes'])
 
     chans, height, width = f['input_size']
     built_with = ', '.join(f'`{k}={v!r}`' for k, v in f['model_args'].items())
@@ -382,6 +413,7 @@ def render_card(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, 
                   'data_config = timm.data.resolve_model_data_config(model)\n'
                   'transforms = timm.data.create_transform(**data_config, is_training=False)')
     citation = '\n'.join(f'```bibtex\n{c.strip()}\n```' for c in f['citation'])
+    transformers = _transformers_usage(ref, image)
     return f"""---
 {metadata}
 ---
@@ -479,6 +511,8 @@ output = model.forward_head(output, pre_logits=True)
 # output is a {embed} shaped tensor
 ```
 {'' if f['feature_shapes'] is not None else '`features_only=True` is not supported by this model.'}
+
+{transformers}
 
 ## Citation
 {citation}

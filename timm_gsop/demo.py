@@ -174,6 +174,7 @@ def export_and_reload(model: nn.Module, out_dir: str, x: torch.Tensor, image_siz
     and compare the predictions on ``x``."""
     import timm
     from timm.models import save_for_hf
+    from .export import hf_config_for_loaders
 
     os.makedirs(out_dir, exist_ok=True)
     save_for_hf(
@@ -183,6 +184,7 @@ def export_and_reload(model: nn.Module, out_dir: str, x: torch.Tensor, image_siz
         data_config=dict(input_size=(3, image_size, image_size), mean=(0., 0., 0.), std=(1., 1., 1.),
                          crop_pct=1.0, interpolation='bilinear'),
     )
+    hf_config_for_loaders(os.path.join(out_dir, 'config.json'))  # transformers' TimmWrapper loads it too
     # safetensors writes its file 0600; give it the permissions config.json got (the user's umask)
     shutil.copymode(os.path.join(out_dir, 'config.json'), os.path.join(out_dir, 'model.safetensors'))
     source = f'local-dir:{os.path.abspath(out_dir)}'

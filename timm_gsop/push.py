@@ -56,6 +56,8 @@ def check_export_folder(folder: Union[str, Path]) -> FolderCheck:
         raise ExportFolderError(f'{folder / CONFIG_FILE} names {arch!r}, which is not a registered model '
                                 '(is this timm-gsop version the one that exported it?)')
     model_args = dict(config.get('model_args') or {})
+    if 'num_classes' in config:  # an export keeps it at the top level only (export.py: transformers' TimmWrapper)
+        model_args.setdefault('num_classes', config['num_classes'])
     tag = (config.get('pretrained_cfg') or {}).get('tag')
     try:
         import safetensors

@@ -94,9 +94,19 @@ def position_gram(x: Tensor) -> Tensor:
     return _position_gram(x)
 
 
+def _identity(size: int, like: Tensor) -> Tensor:
+    """The ``size x size`` identity in ``like``'s dtype and device, as an int64 ``arange`` compared with itself.
+
+    Not ``torch.eye``: ``torch.export`` decomposes it into an ``arange`` of the narrowest integer dtype that holds
+    ``size`` (uint16 from 256 on, the iSQRT-COV head's size), which converters such as OpenVINO's do not know.
+    """
+    index = torch.arange(size, device=like.device)
+    return (index.unsqueeze(1) == index.unsqueeze(0)).to(like.dtype)
+
+
 def _isqrt(x: Tensor, num_iters: int, eps: float) -> Tensor:
     x = upcast(x)
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    eye = _identity(x.shape[-1], x)
     eye3 = 3.0 * eye
     # divide by the trace so that Newton-Schulz converges (eigenvalues in (0, 1]); the trace as a masked sum,
     # which every exporter and converter knows (aten::diagonal is missing in some)
@@ -126,7 +136,9 @@ def isqrt(x: Tensor, num_iters: int = 3, eps: float = TRACE_EPS) -> Tensor:
     """
     if num_iters < 1:
         raise ValueError(f'isqrt num_iters must be >= 1, got {num_iters}')
-    if x.dim() != 3 or x.shape[-1] != x.shape[-2]:  # else broadcasting gives a wrong answer or a cryptic error
+    # else broadcasting gives a wrong answer or a cryptic error (a trace records shapes as constants: no check,
+    # which would only warn that it compares them)
+    if not torch.jit.is_tracing() and (x.dim() != 3 or x.shape[-1] != x.shape[-2]):
         raise ValueError(f'isqrt expects square matrices (B, N, N), got shape {list(x.shape)}')
     if not torch.jit.is_scripting():
         with autocast_off(x):

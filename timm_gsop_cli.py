@@ -27,8 +27,23 @@ class CommandError(Exception):
         self.code = code
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after every option's help; descriptions keep their line breaks."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default stated once, after its help; descriptions keep their line breaks.
+
+    argparse's ArgumentDefaultsHelpFormatter appends ``(default: VALUE)`` to every option, also where the help
+    already states the default in words (``(default: X) (default: None)``) and on flags (``--no-ema``'s
+    ``(default: True)``). Here the value is appended only where the help does not state a default and the value
+    means what it says: not for flags (off unless given), required arguments, or None / empty defaults, whose help
+    says in words what happens (``build_parser`` states one for each: tests/test_cli.py checks it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        default = action.default
+        if '(default' in text or action.nargs == 0 or action.required or default is argparse.SUPPRESS \
+                or default is None or default in ('', []) or action.nargs == argparse.REMAINDER:
+            return text
+        shown = ' '.join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f'{text} (default: {shown.replace("%", "%%")})'
 
 
 def _bounded_int(low: int) -> Callable[[str], int]:
@@ -56,7 +71,8 @@ def _corr(text: str) -> float:
 
 def _add_model_kwargs(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help=f'{help_text}; values parsed as Python literals, as timm train.py --model-kwargs does')
+                   help=f'{help_text}; values parsed as Python literals, as timm train.py --model-kwargs does '
+                        '(default: none)')
 
 
 def _model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
@@ -345,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', nargs='+', default=['gsop_resnet50', 'gsop_resnet50:gsop_stages=(0,0,0,0)'],
                    metavar='SPEC', help="model specs: NAME or NAME:KEY=VALUE:... (e.g. gsop_resnet50:gsop_stages=(0,0,0,0), "
                                         "GSoP-Net1's backbone without GSoP blocks)")
-    p.add_argument('--baseline', default=None, metavar='SPEC', help='the spec the ratio column is measured against')
+    p.add_argument('--baseline', default=None, metavar='SPEC',
+                   help='the spec the ratio column is measured against (default: none, no ratio column)')
     p.add_argument('--batch-size', type=_bounded_int(1), nargs='+', default=[8], metavar='N', help='batch sizes')
     p.add_argument('--img-size', type=_bounded_int(32), default=224, metavar='PX', help='input side')
     p.add_argument('--mode', nargs='+', default=['infer', 'train'], choices=['infer', 'train'],
@@ -362,15 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp-check', nargs='+', choices=_AMP_CHOICES, default=None, metavar='DTYPE',
                    help='instead of timing: train each model --steps steps under autocast with each DTYPE (fp16 with '
                         'a GradScaler), check every loss, output and gradient is finite and the GSoP gates run in '
-                        'float32')
+                        'float32 (default: none, time the models)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
-    p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON')
+    p.add_argument('--json', default=None, metavar='FILE', help='also write the results as JSON (default: none)')
     p.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
 
     p = command('onnx', 'export a model to ONNX (dynamic batch) and check it with onnxruntime', _cmd_onnx)
     p.add_argument('model', help='model name, e.g. gsop_resnet50 (or an hf-hub: / local-dir: name)')
     p.add_argument('output', help='the .onnx file to write (written to a temporary name, then renamed)')
-    p.add_argument('--checkpoint', default=None, metavar='FILE', help='weights to load (any checkpoint timm-gsop loads)')
+    p.add_argument('--checkpoint', default=None, metavar='FILE',
+                   help='weights to load, any checkpoint timm-gsop loads (default: none, random weights)')
     p.add_argument('--num-classes', type=_bounded_int(0), default=None, metavar='N',
                    help="classifier outputs (default: the model's)")
     p.add_argument('--img-size', type=_bounded_int(8), nargs=2, default=None, metavar=('H', 'W'),
@@ -393,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='checkpoint-*.pth.tar, model_best.pth.tar, a .pth state dict or a .safetensors file')
     p.add_argument('--out', required=True, metavar='DIR', help='the folder to write')
     p.add_argument('--model', default=None, metavar='NAME',
-                   help="registered model, e.g. gsop_resnet50 or gsop_resnet50.in1k (default: the checkpoint's "
-                        'args.model)')
+                   help="registered model, e.g. gsop_resnet50 or gsop_resnet50.in1k; without a tag, its first tag "
+                        "without a published file, e.g. isqrt_resnet50.in1k (default: the checkpoint's args.model)")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument('--ema', dest='ema', action='store_true', default=None,
                      help='export the EMA weights (default: them when the checkpoint has them)')
@@ -403,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--repo-id', default=None, metavar='ORG/NAME',
                    help='the Hub repo the card\'s usage examples load (default: YOUR_ORG/MODEL.TAG until you push)')
     p.add_argument('--results', default=None, metavar='FILE',
-                   help='timm validate.py --results-file output (JSON or CSV) for the card')
+                   help='timm validate.py --results-file output (JSON or CSV) for the card (default: none)')
     p.add_argument('--dataset', default=None,
                    help="training dataset for the card, e.g. imagenet-1k or cifar100 (default: the tag's when the "
                         'model keeps its num_classes)')
@@ -419,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--revision', default=None, metavar='BRANCH', help='branch to push to, created if missing '
                                                                      '(default: main)')
     p.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
-    p.add_argument('--commit-message', default=None, help='(default: "Add MODEL weights (timm-gsop export)")')
+    p.add_argument('--commit-message', default=None,
+                   help='the commit message (default: "Add MODEL weights (timm-gsop export)")')
     p.add_argument('--dry-run', action='store_true', help='check the folder and list what would be uploaded')
 
     p = command('card', 'render the model card (README.md) of a model', _cmd_card)
@@ -435,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                             'ARGS` would); the exit status is the script\'s. Example: timm-gsop run validate.py '
                             '/data/imagenet --model gsop_resnet50 --checkpoint model_best.pth.tar')
     p.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
-                   help='also import MODULE before running (repeatable), e.g. a plugin of your own')
+                   help='also import MODULE before running (repeatable), e.g. a plugin of your own '
+                        '(default: timm_gsop only)')
     # one REMAINDER for SCRIPT and its arguments: everything after SCRIPT reaches it untouched ('--', '-h' too)
     p.add_argument('command', nargs=argparse.REMAINDER, metavar='SCRIPT [ARGS ...]',
                    help='path of the script (e.g. train.py from the timm repository), then its own arguments')

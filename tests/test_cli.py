@@ -1,5 +1,6 @@
 """`timm-gsop`: the zoo table, and the command line as a Unix tool: fast -h with defaults, one-line errors with
 exit status 2 for bad values and unknown models, an install hint for a missing extra."""
+import argparse
 import importlib.util
 import os
 import re
@@ -10,6 +11,7 @@ import time
 import pytest
 
 import timm_gsop_cli
+from timm_gsop.zoo import PAPER_COMPARISON
 from timm_gsop_cli import build_parser, main
 
 EXPECTED = {
@@ -22,7 +24,7 @@ COMMANDS = ('list', 'bench', 'onnx', 'export', 'push', 'card', 'run', 'recipe', 
 
 
 def _rows(text):
-    return {line.split()[0]: line.split() for line in text.splitlines()[2:] if line.strip()}
+    return {line.split()[0]: line.split() for line in text.splitlines()[2:] if line.strip() and '  ' in line}
 
 
 def test_list_prints_zoo_with_params_and_gflops(capsys):
@@ -39,6 +41,35 @@ def test_list_filter_and_no_match(capsys):
     assert set(_rows(capsys.readouterr().out)) == {'gsop2_resnet50', 'gsop2_resnet101'}
     assert main(['list', 'nothing*']) == 2
     assert capsys.readouterr().err == "timm-gsop list: error: no timm-gsop model matches 'nothing*'\n"
+
+
+def test_list_shows_the_whole_family(capsys):
+    assert main(['list', '*cifar']) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {'preresnet164_cifar', 'gsop_preresnet164_cifar', 'gsop2_preresnet164_cifar'}
+    assert rows['preresnet164_cifar'][1:4] == ['1,726,388', '0.50', '3x32x32']
+    assert main(['list', 'isqrt*']) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows['isqrt_resnet50'][1:4] == ['56,929,832', '13.11', '3x224x224']
+
+
+def test_list_compare(capsys):
+    assert main(['list', '--compare']) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert 'top-1 err (reported)' in header and 'top-5 err (reported)' in header
+    rows = {line.split()[0]: line for line in out.splitlines()[2:8]}
+    assert list(rows) == [name for name, *_ in PAPER_COMPARISON] == [
+        'resnet50', 'seresnet50', 'cbamresnet50', 'isqrt_resnet50', 'gsop_resnet50', 'gsop2_resnet50']
+    assert '25,557,032' in rows['resnet50'] and '8.18' in rows['resnet50']
+    assert '56,929,832' in rows['isqrt_resnet50'] and '22.14' in rows['isqrt_resnet50']
+    assert '28,285,224' in rows['gsop_resnet50'] and '12.79' in rows['gsop_resnet50']
+    assert '22.02' in rows['gsop_resnet50'] and '5.88' in rows['gsop_resnet50']
+    assert '21.19' in rows['gsop2_resnet50'] and '5.64' in rows['gsop2_resnet50']
+    assert 'as reported by' in out
+    assert main(['list', '--compare', 'gsop*']) == 0
+    assert len(_rows(capsys.readouterr().out)) == 2
+    assert main(['list', '--compare', 'nothing*']) == 2
 
 
 def test_no_command_prints_help(capsys):
@@ -68,19 +99,37 @@ def test_every_command_answers_help_at_once_without_torch():
 
 
 def test_every_option_has_help_and_shows_its_default():
+    """Every option that takes a value (and every optional positional) states its default once, in its help:
+    argparse's value where it means what it says, else words; flags (off unless given) and required arguments
+    state none. Never ``(default: X) (default: None)``, never ``(default: True)`` on a ``--no-...`` flag."""
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == 'subcommand').choices
     assert set(subparsers) == set(COMMANDS)
-    for name, sub in subparsers.items():
+    for name, sub in [('', parser), *subparsers.items()]:
+        formatter = sub._get_formatter()
+        stated = 0
         for action in sub._actions:
-            if action.dest in ('help',) or action.help == '==SUPPRESS==':
+            if action.dest == 'help' or isinstance(action, argparse._SubParsersAction):
                 continue
-            assert action.help, f'{name} {action.option_strings or action.dest} has no help text'
-        text = sub.format_help()
-        for action in sub._actions:
-            if action.option_strings and action.default not in (None, False, [], '==SUPPRESS==') \
-                    and action.dest != 'help':
-                assert '(default:' in text, (name, action.dest)
+            what = f'{name} {"/".join(action.option_strings) or action.dest}'
+            assert action.help, f'{what} has no help text'
+            text = ' '.join(formatter._expand_help(action).split())
+            count = text.count('(default')
+            stated += count
+            assert not re.search(r'\(default: (None|True|False|\[\]|)\)', text), (what, text)
+            if action.nargs == 0 or action.required or action.nargs == argparse.REMAINDER:
+                assert count <= 1, (what, text)  # a flag may say what happens without it, once
+                continue
+            assert count == 1, (what, text)
+            if '(default' not in action.help:  # appended by the formatter: the value argparse uses
+                value = action.default
+                shown = ' '.join(map(str, value)) if isinstance(value, list) else str(value)
+                assert text.endswith(f'(default: {shown})'), (what, text)
+        # what -h prints: each statement once, no doubles added by the formatter
+        assert ' '.join(sub.format_help().split()).count('(default') == stated, name
+    export_help = ' '.join(subparsers['export'].format_help().split())
+    assert "(default: the checkpoint's args.model) --ema" in export_help
+    assert 'export the raw (non-EMA) weights --' in export_help  # --no-ema: no default of its own
 
 
 @pytest.mark.parametrize('argv,message', [
@@ -136,49 +185,3 @@ def test_python_dash_m_entry_point():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert '28,285,224' in out.stdout
-
-
-def test_the_library_never_imports_the_command_line():
-    """Layers: ops -> modules -> model families -> checkpoints / export / cards / push -> CLI."""
-    root = os.path.dirname(os.path.abspath(timm_gsop_cli.__file__))
-    for folder, _, files in os.walk(os.path.join(root, 'timm_gsop')):
-        for name in files:
-            if name.endswith('.py') and name != '__main__.py':
-                text = open(os.path.join(folder, name), encoding='utf-8').read()
-                assert not re.search(r'^\s*(from|import) timm_gsop_cli', text, re.M), name
-                assert 'argparse.ArgumentParser(' not in text and 'add_parser(' not in text, name
-
-
-def _imported_package_modules(path: str, package: str) -> set:
-    """The timm_gsop modules a file imports (absolute or relative), as dotted names under timm_gsop."""
-    import ast
-    tree = ast.parse(open(path, encoding='utf-8').read())
-    here = package.split('.')
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith('timm_gsop'))
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[:len(here) - node.level + 1]
-                name = '.'.join(base + ([node.module] if node.module else []))
-            else:
-                name = node.module or ''
-            if name.startswith('timm_gsop'):
-                found.add(name)
-                found.update(f'{name}.{a.name}' for a in node.names)
-    return found
-
-
-def test_lower_layers_never_import_higher_ones():
-    """ops (layers) -> modules -> model families (models) -> checkpoints / export / cards / push / tools -> CLI."""
-    root = os.path.join(os.path.dirname(os.path.abspath(timm_gsop_cli.__file__)), 'timm_gsop')
-    tools = {f'timm_gsop.{n}' for n in ('zoo', 'checkpoints', 'export', 'cards', 'push', 'onnx_export', 'bench',
-                                         'run', 'recipes', 'demo')}
-    for sub, forbidden in (('layers', {'timm_gsop.models'} | tools), ('models', tools)):
-        folder = os.path.join(root, sub)
-        for name in os.listdir(folder):
-            if name.endswith('.py'):
-                imported = _imported_package_modules(os.path.join(folder, name), f'timm_gsop.{sub}')
-                bad = {m for m in imported if any(m == f or m.startswith(f + '.') for f in forbidden)}
-                assert not bad, f'timm_gsop/{sub}/{name} imports {sorted(bad)} from a higher layer'

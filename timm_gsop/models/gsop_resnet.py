@@ -24,6 +24,8 @@ residual add, where the released code applies it.
 network's checkpoint (timm's / torchvision's ResNets, iSQRT-COV) an exact warm start: the GSoP modules it has
 no tensors for start function-preserving, so the model first computes what that network computed.
 """
+import os
+import re
 import urllib.error
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -41,13 +43,18 @@ from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
 from ..layers.second_order import triu_indices_flat
 
-__all__ = ['GSoPResNet', 'WarmStartWarning', 'WeightsNotAvailableError', 'checkpoint_layout']
+__all__ = ['GSoPResNet', 'WarmStartWarning', 'FineTuneStartWarning', 'WeightsNotAvailableError', 'checkpoint_layout']
 
 GSOP_PLACEMENTS = ('last', 'all')  # the last block of each stage (GSoP-Net), or every block (SE-ResNet style)
 
 
 class WarmStartWarning(UserWarning):
     """Modules a checkpoint had no tensors for were initialised for a warm start (see ``checkpoint_filter_fn``)."""
+
+
+class FineTuneStartWarning(UserWarning):
+    """The weights loaded are published as a fine-tuning start only: their classifier does not classify the dataset
+    it was trained on (the first iSQRT-COV files: the ``*.mpncov_finetune_start`` tags' notes)."""
 
 
 class WeightsNotAvailableError(RuntimeError):
@@ -134,15 +141,21 @@ class GSoPResNet(ResNet):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new classifier; the pooling (and a trained iSQRT-COV head) is kept when ``global_pool`` is None or
         the same."""
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.num_classes = num_classes
-        pool, self.fc, self.head_hidden_size = create_cov_classifier(
-            self.num_features, num_classes, global_pool, self.isqrt_dim, self.isqrt_iters, **get_device_dtype(self))
-        if not (global_pool == 'isqrt' and isinstance(self.global_pool, ISqrtCovPool)):
-            self.global_pool = pool
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        reset_cov_classifier(self, num_classes, global_pool)
+
+
+def reset_cov_classifier(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
+    """``reset_classifier`` of a model with ``num_features``, ``global_pool``, ``fc``, ``isqrt_dim`` and
+    ``isqrt_iters``: a new ``fc``, and a new pooling unless it stays a (maybe trained) iSQRT-COV head."""
+    if global_pool is None:
+        global_pool = model.global_pool.pool_type
+    model.num_classes = num_classes
+    pool, model.fc, model.head_hidden_size = create_cov_classifier(
+        model.num_features, num_classes, global_pool, model.isqrt_dim, model.isqrt_iters, **get_device_dtype(model))
+    if not (global_pool == 'isqrt' and isinstance(model.global_pool, ISqrtCovPool)):
+        model.global_pool = pool
+    model.global_pool.train(model.training)
+    model.fc.train(model.training)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -397,7 +410,7 @@ def build_model_saying_why(model_cls: type, variant: str, pretrained: bool = Fal
 
 
 def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
-    return build_model_saying_why(GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model_saying_why(GSoPResNet, variant, pretrained, pretrained_filter_fn=_pretrained_filter_fn, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -420,10 +433,70 @@ def _isqrt_cfg(**kwargs) -> Dict[str, Any]:
         **kwargs)
 
 
-_ISQRT_NOTE = (
-    'The authors link the file from https://github.com/jiangtaoxie/fast-MPN-COV (Google Drive / Baidu) when this '
-    'url is unreachable: download it by hand and pass pretrained_cfg_overlay=dict(file=PATH), or convert it to '
-    'a Hub folder with `timm-gsop export PATH --model {model} --out DIR`.')
+# The authors' first iSQRT-COV uploads, the files fast-MPN-COV's code names (`jtxie.com/models/...`; the suffix is
+# the file's sha256 prefix, as in torch.hub names). They were trained with a private triangle vectorisation whose
+# order differs from the released `Triuvec`: with the released code the ResNet-50 file scores 0.166% top-1 on
+# ImageNet-1k (the authors, fast-MPN-COV issue #20). Backbone and covariance head are a fine-tuning start, the
+# classifier classifies at chance: their tag says so (not `in1k`, which would list them in
+# `timm.list_models(pretrained=True)` as ImageNet classifiers), and loading one with its classifier warns.
+FINETUNE_START_TAG = 'mpncov_finetune_start'
+_FINETUNE_START_FILES = {'15991845': 'mpncovresnet50-15991845.pth', 'ade9737a': 'mpncovresnet101-ade9737a.pth'}
+# the re-trained files (README commit "update model", 2020-01-08): Google Drive only, which timm cannot download
+_RETRAINED_DRIVE_IDS = {'isqrt_resnet50': '19TWen7p9UDyM0Ueu9Gb22NtouR109C6j',
+                        'isqrt_resnet101': '1riur7v3rZ7vnrdj2UZ7EBaTKEGSccYwg'}
+
+_FINETUNE_START_NOTE = (
+    'A fine-tuning start only, not an ImageNet classifier: {file} (sha256 prefix {sha}) is the authors\' first '
+    'upload, trained with a private triangle vectorisation whose order differs from the released code\'s; with '
+    'their released code it scores 0.166% top-1 on ImageNet-1k '
+    '(https://github.com/jiangtaoxie/fast-MPN-COV/issues/20). '
+    'Its backbone and covariance head start a fine-tuning (a new classifier: num_classes=N); loaded with its '
+    'classifier it warns (FineTuneStartWarning). The jtxie.com url is reported unreachable (fast-MPN-COV issue #19).')
+_RETRAINED_NOTE = (
+    'The authors re-trained {model} and link it from https://github.com/jiangtaoxie/fast-MPN-COV since 2020-01-08: '
+    'Google Drive id {drive} (https://drive.google.com/file/d/{drive}), which timm does not download. Download '
+    'it by hand and load it with pretrained_cfg_overlay=dict(file=PATH), or convert it to a Hub folder with '
+    '`timm-gsop export PATH --model {model} --out DIR` (exported as {model}.in1k).')
+
+
+def finetune_start_file(name: Optional[str]) -> Optional[str]:
+    """The published fine-tuning-start file that a path or url names (by the sha256 prefix of its torch.hub name,
+    ``mpncovresnet50-15991845.pth``), else None."""
+    base = os.path.basename(str(name or '').split('?')[0])
+    return next((file for sha, file in _FINETUNE_START_FILES.items() if re.search(rf'-{sha}(?![0-9a-f])', base)), None)
+
+
+def _warn_if_finetune_start(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """FineTuneStartWarning when timm's load_pretrained gives ``model`` a fine-tuning-start file with that file's
+    classifier (timm drops a classifier of another num_classes): the file its cfg names (file, else url), or an
+    exported folder of one (its tag)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    file = None
+    if cfg.get('source') in ('local-dir', 'hf-hub'):
+        if cfg.get('tag') == FINETUNE_START_TAG:
+            file = f"an export of the {cfg.get('architecture', 'iSQRT-COV')} fine-tuning start"
+    elif cfg.get('state_dict') is None:
+        file = finetune_start_file(cfg.get('file') or cfg.get('url'))  # timm loads the file when both are set
+    fc = state_dict.get('fc.weight')
+    if file is None or fc is None or fc.shape[0] != getattr(model, 'num_classes', None):
+        return
+    arch = str(cfg.get('architecture') or 'isqrt_resnet50')
+    drive = _RETRAINED_DRIVE_IDS.get(arch, _RETRAINED_DRIVE_IDS['isqrt_resnet50'])
+    warnings.warn(
+        f'{_describe_source(model)} is {file}: a fine-tuning start only. Its classifier was trained with a triangle '
+        'order the released code does not use and classifies ImageNet at chance (0.166% top-1 with the authors\' '
+        'code, fast-MPN-COV issue #20); its backbone and covariance head are fine to fine-tune from (num_classes=N '
+        f'gives a new classifier). The re-trained weights: Google Drive id {drive}, then '
+        f'`timm-gsop export FILE --model {arch} --out DIR`.', FineTuneStartWarning, stacklevel=3)
+
+
+def _pretrained_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``checkpoint_filter_fn`` as timm's load_pretrained calls it (the file loaded is the one the cfg names):
+    also says when that file is a fine-tuning start (``_warn_if_finetune_start``)."""
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    _warn_if_finetune_start(state_dict, model)
+    return state_dict
+
 
 default_cfgs = generate_default_cfgs({
     'gsop_resnet50.in1k': _cfg(),
@@ -436,11 +509,20 @@ default_cfgs = generate_default_cfgs({
     'gsopresnet101.in1k': _cfg(pool_size=(7, 7)),
     'gsopresnet50d.in1k': _cfg(pool_size=(7, 7), first_conv='conv1.0'),
     'gsopresnext50_32x4d.in1k': _cfg(pool_size=(7, 7)),
-    'isqrt_resnet50.mpncov_in1k': _isqrt_cfg(
-        url='http://jtxie.com/models/mpncovresnet50-15991845.pth', notes=(_ISQRT_NOTE.format(model='isqrt_resnet50'),)),
-    'isqrt_resnet101.mpncov_in1k': _isqrt_cfg(
-        url='http://jtxie.com/models/mpncovresnet101-ade9737a.pth',
-        notes=(_ISQRT_NOTE.format(model='isqrt_resnet101'),)),
+    # the authors' first files (fine-tuning start only); the re-trained ones, or any ImageNet-1k iSQRT-COV weights,
+    # exported by `timm-gsop export` (no published file of their own: not in list_models(pretrained=True))
+    f'isqrt_resnet50.{FINETUNE_START_TAG}': _isqrt_cfg(
+        url='http://jtxie.com/models/mpncovresnet50-15991845.pth', notes=(
+            _FINETUNE_START_NOTE.format(file='mpncovresnet50-15991845.pth', sha='15991845'),
+            _RETRAINED_NOTE.format(model='isqrt_resnet50', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet50']))),
+    'isqrt_resnet50.in1k': _isqrt_cfg(
+        notes=(_RETRAINED_NOTE.format(model='isqrt_resnet50', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet50']),)),
+    f'isqrt_resnet101.{FINETUNE_START_TAG}': _isqrt_cfg(
+        url='http://jtxie.com/models/mpncovresnet101-ade9737a.pth', notes=(
+            _FINETUNE_START_NOTE.format(file='mpncovresnet101-ade9737a.pth', sha='ade9737a'),
+            _RETRAINED_NOTE.format(model='isqrt_resnet101', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet101']))),
+    'isqrt_resnet101.in1k': _isqrt_cfg(
+        notes=(_RETRAINED_NOTE.format(model='isqrt_resnet101', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet101']),)),
     'cbamresnet50.in1k': _cfg(
         pool_size=(7, 7), paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
         origin_url='https://github.com/huggingface/pytorch-image-models'),

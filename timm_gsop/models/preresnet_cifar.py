@@ -31,14 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, get_device_dtype
+from timm.layers import DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, create_gsop
 from .gsop_resnet import GSOP_PLACEMENTS, build_model_saying_why, check_choice, checkpoint_filter_fn, \
-    init_like_resnet, set_bn_args
+    init_like_resnet, reset_cov_classifier, set_bn_args
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -209,15 +208,7 @@ class PreResNetCifar(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new classifier; the pooling (and a trained iSQRT-COV head) is kept when ``global_pool`` is None or
         the same."""
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.num_classes = num_classes
-        pool, self.fc, self.head_hidden_size = create_cov_classifier(
-            self.num_features, num_classes, global_pool, self.isqrt_dim, self.isqrt_iters, **get_device_dtype(self))
-        if not (global_pool == 'isqrt' and isinstance(self.global_pool, ISqrtCovPool)):
-            self.global_pool = pool
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        reset_cov_classifier(self, num_classes, global_pool)
 
     def forward_intermediates(
             self,

@@ -17,9 +17,16 @@ def _summary(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_timm_test_models_fast_part_passes_on_every_registered_model():
-    proc = _run_timm_tests('-k', ' and '.join(f'not {name}' for name in SLOW_TESTS))
+    proc = _run_timm_tests('-rA', '-k', ' and '.join(f'not {name}' for name in SLOW_TESTS))
     assert proc.returncode == 0, _summary(proc)
     assert ' passed' in proc.stdout and ' failed' not in proc.stdout and ' error' not in proc.stdout, _summary(proc)
+    # it ran on this package's models, and only on them (-rA lists every passed test with its parameters)
+    from timm_gsop.zoo import list_gsop_models
+    passed = [line for line in proc.stdout.splitlines() if line.startswith('PASSED ') and '[' in line]
+    names = {line.split('[', 1)[1].split(']')[0].split('-')[-1].split('.')[0] for line in passed}
+    assert names == set(list_gsop_models()), _summary(proc)
+    for test in ('test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_features'):
+        assert sum(f'::{test}[' in line for line in passed) >= len(names), test
 
 
 @pytest.mark.slow
@@ -27,16 +34,3 @@ def test_timm_test_models_torchscript_fx_and_prune_pass_on_every_registered_mode
     proc = _run_timm_tests('-k', ' or '.join(SLOW_TESTS))
     assert proc.returncode == 0, _summary(proc)
     assert ' passed' in proc.stdout and ' failed' not in proc.stdout, _summary(proc)
-
-
-def test_the_plugin_selects_exactly_this_packages_models():
-    """The suite really runs on our models (and only on them): collect it and look at the model names."""
-    proc = _run_timm_tests('--collect-only')
-    assert proc.returncode == 0, _summary(proc)
-    from timm_gsop.zoo import list_gsop_models
-    ours = set(list_gsop_models())
-    collected = [line for line in proc.stdout.splitlines() if '::test_' in line]
-    names = {line.split('[', 1)[1].rstrip(']').split('-')[-1].split('.')[0] for line in collected if '[' in line}
-    assert names == ours
-    for test in ('test_model_forward', 'test_model_backward', 'test_model_default_cfgs', 'test_model_forward_features'):
-        assert sum(f'::{test}[' in line for line in collected) >= len(ours), test

@@ -143,8 +143,7 @@ def export_checkpoint(
 
 
 def _has_published_file(name: str) -> bool:
-    cfg = timm.models.get_pretrained_cfg(name)
-    return bool(cfg and (cfg.url or cfg.file or cfg.hf_hub_id))
+    return bool(timm.models.get_pretrained_cfg(name).has_weights)  # timm's: a url, file or hf_hub_id
 
 
 def _tag_for_weights(name: str, model: Optional[str], ckpt: Checkpoint) -> str:

@@ -459,6 +459,22 @@ _RETRAINED_NOTE = (
     '`timm-gsop export PATH --model {model} --out DIR` (exported as {model}.in1k).')
 
 
+def _isqrt_cfgs(model: str, sha: str) -> Dict[str, Dict[str, Any]]:
+    """An iSQRT-COV model's two tags: the authors' first file (a fine-tuning start) and ``in1k``, for weights a
+    user brings (the re-trained files)."""
+    file = _FINETUNE_START_FILES[sha]
+    retrained = _RETRAINED_NOTE.format(model=model, drive=_RETRAINED_DRIVE_IDS[model])
+    return {
+        f'{model}.{FINETUNE_START_TAG}': _isqrt_cfg(
+            url=f'http://jtxie.com/models/{file}', notes=(_FINETUNE_START_NOTE.format(file=file, sha=sha), retrained)),
+        f'{model}.in1k': _isqrt_cfg(notes=(retrained,)),
+    }
+
+
+_CBAM_PAPER = dict(paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
+                   origin_url='https://github.com/huggingface/pytorch-image-models')
+
+
 def finetune_start_file(name: Optional[str]) -> Optional[str]:
     """The published fine-tuning-start file that a path or url names (by the sha256 prefix of its torch.hub name,
     ``mpncovresnet50-15991845.pth``), else None."""
@@ -511,24 +527,10 @@ default_cfgs = generate_default_cfgs({
     'gsopresnext50_32x4d.in1k': _cfg(pool_size=(7, 7)),
     # the authors' first files (fine-tuning start only); the re-trained ones, or any ImageNet-1k iSQRT-COV weights,
     # exported by `timm-gsop export` (no published file of their own: not in list_models(pretrained=True))
-    f'isqrt_resnet50.{FINETUNE_START_TAG}': _isqrt_cfg(
-        url='http://jtxie.com/models/mpncovresnet50-15991845.pth', notes=(
-            _FINETUNE_START_NOTE.format(file='mpncovresnet50-15991845.pth', sha='15991845'),
-            _RETRAINED_NOTE.format(model='isqrt_resnet50', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet50']))),
-    'isqrt_resnet50.in1k': _isqrt_cfg(
-        notes=(_RETRAINED_NOTE.format(model='isqrt_resnet50', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet50']),)),
-    f'isqrt_resnet101.{FINETUNE_START_TAG}': _isqrt_cfg(
-        url='http://jtxie.com/models/mpncovresnet101-ade9737a.pth', notes=(
-            _FINETUNE_START_NOTE.format(file='mpncovresnet101-ade9737a.pth', sha='ade9737a'),
-            _RETRAINED_NOTE.format(model='isqrt_resnet101', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet101']))),
-    'isqrt_resnet101.in1k': _isqrt_cfg(
-        notes=(_RETRAINED_NOTE.format(model='isqrt_resnet101', drive=_RETRAINED_DRIVE_IDS['isqrt_resnet101']),)),
-    'cbamresnet50.in1k': _cfg(
-        pool_size=(7, 7), paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
-        origin_url='https://github.com/huggingface/pytorch-image-models'),
-    'cbamresnet101.in1k': _cfg(
-        pool_size=(7, 7), paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
-        origin_url='https://github.com/huggingface/pytorch-image-models'),
+    **_isqrt_cfgs('isqrt_resnet50', '15991845'),
+    **_isqrt_cfgs('isqrt_resnet101', 'ade9737a'),
+    'cbamresnet50.in1k': _cfg(pool_size=(7, 7), **_CBAM_PAPER),
+    'cbamresnet101.in1k': _cfg(pool_size=(7, 7), **_CBAM_PAPER),
 })
 
 # GSoP-Net1 / GSoP-Net2 as released; GSoP in every block of timm's ResNet; iSQRT-COV; timm's CBAM ResNet

@@ -1,4 +1,5 @@
-""" iSQRT-COV global covariance pooling: the head of GSoP-Net2 and of iSQRT-COV networks
+""" Global covariance pooling heads: iSQRT-COV (the head of GSoP-Net2 and of iSQRT-COV networks) and plain
+covariance pooling
 
 "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
 Normalization", Li, Xie, Wang, Gao, CVPR 2018 (arXiv:1712.01034). Code (MIT): https://github.com/jiangtaoxie/fast-MPN-COV
@@ -13,11 +14,12 @@ from timm.layers import create_classifier
 
 from .second_order import covariance_pool, isqrt, triu_indices_flat, triu_vectorize
 
-__all__ = ['POOL_TYPES', 'ISqrtCovPool', 'create_cov_classifier']
+__all__ = ['POOL_TYPES', 'COV_POOL_TYPES', 'CovPool', 'ISqrtCovPool', 'create_cov_classifier']
 
-# timm's SelectAdaptivePool2d types ('' is none) and the iSQRT-COV head
+# timm's SelectAdaptivePool2d types ('' is none), the iSQRT-COV head and plain covariance pooling
+COV_POOL_TYPES = ('isqrt', 'cov')
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax', '',
-              'isqrt')
+              *COV_POOL_TYPES)
 
 # leaves for plain torch.fx.symbolic_trace: it patches the names in this module's globals
 torch.fx.wrap('covariance_pool')
@@ -25,26 +27,23 @@ torch.fx.wrap('isqrt')
 torch.fx.wrap('triu_vectorize')
 
 
-class ISqrtCovPool(nn.Module):
-    """Global covariance pooling with iSQRT normalisation, in the place of timm's ``global_pool``.
+class CovPool(nn.Module):
+    """Global covariance pooling in the place of timm's ``global_pool``, without normalisation.
 
-    ``(B, C, H, W)`` -> 1x1 conv to ``dim`` (no bias) -> BN -> ReLU -> covariance ``(B, dim, dim)`` -> iSQRT
-    (``num_iters`` coupled Newton-Schulz steps) -> triangle vector ``(B, dim (dim + 1) / 2)``: 32,896 features at
-    ``dim=256``. The second-order part runs in float32; the output has the dtype of the reduced features, which is
-    what an autocast caller expects for the classifier that follows.
+    ``(B, C, H, W)`` -> 1x1 conv to ``dim`` (no bias) -> BN -> ReLU -> covariance ``(B, dim, dim)`` -> triangle
+    vector ``(B, dim (dim + 1) / 2)``. The covariance runs in float32; the output has the dtype of the reduced
+    features, which is what an autocast caller expects for the classifier that follows.
 
     Args:
         in_chs: channels of the feature map.
-        dim: channels after the 1x1 reduction (iSQRT-COV and GSoP-Net2: 256); ``0``: no reduction.
-        num_iters: Newton-Schulz iterations (GSoP-Net2: 3, iSQRT-COV: 5).
+        dim: channels after the 1x1 reduction; ``0``: no reduction.
     """
-    pool_type: str = 'isqrt'
+    pool_type: str = 'cov'
 
     def __init__(
             self,
             in_chs: int,
             dim: int = 256,
-            num_iters: int = 3,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             device=None,
@@ -52,12 +51,9 @@ class ISqrtCovPool(nn.Module):
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if not isinstance(num_iters, int) or num_iters < 1:
-            raise ValueError(f'isqrt_iters must be a positive integer, got {num_iters!r}')
         if not isinstance(dim, int) or dim < 0:
             raise ValueError(f'isqrt_dim must be a non-negative integer (0: no reduction), got {dim!r}')
         self.in_chs = in_chs
-        self.num_iters = num_iters
         if dim:
             self.conv_reduce = nn.Conv2d(in_chs, dim, kernel_size=1, bias=False, **dd)
             self.bn_reduce = norm_layer(dim, **dd)
@@ -81,10 +77,45 @@ class ISqrtCovPool(nn.Module):
     def is_identity(self) -> bool:
         return False
 
+    def normalize(self, cov: Tensor) -> Tensor:
+        return cov
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.act(self.bn_reduce(self.conv_reduce(x)))
-        root = isqrt(covariance_pool(y), self.num_iters)
-        return triu_vectorize(root, self.triu_index).to(y.dtype)
+        return triu_vectorize(self.normalize(covariance_pool(y)), self.triu_index).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f'in_chs={self.in_chs}, dim={self.dim}'
+
+
+class ISqrtCovPool(CovPool):
+    """:class:`CovPool` with iSQRT normalisation: the covariance's matrix square root by ``num_iters`` coupled
+    Newton-Schulz steps before the triangle vector (32,896 features at ``dim=256``), in float32.
+
+    Args:
+        in_chs: channels of the feature map.
+        dim: channels after the 1x1 reduction (iSQRT-COV and GSoP-Net2: 256); ``0``: no reduction.
+        num_iters: Newton-Schulz iterations (GSoP-Net2: 3, iSQRT-COV: 5).
+    """
+    pool_type: str = 'isqrt'
+
+    def __init__(
+            self,
+            in_chs: int,
+            dim: int = 256,
+            num_iters: int = 3,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ) -> None:
+        if not isinstance(num_iters, int) or num_iters < 1:
+            raise ValueError(f'isqrt_iters must be a positive integer, got {num_iters!r}')
+        super().__init__(in_chs, dim=dim, act_layer=act_layer, norm_layer=norm_layer, device=device, dtype=dtype)
+        self.num_iters = num_iters
+
+    def normalize(self, cov: Tensor) -> Tensor:
+        return isqrt(cov, self.num_iters)
 
     def extra_repr(self) -> str:
         return f'in_chs={self.in_chs}, dim={self.dim}, num_iters={self.num_iters}'
@@ -99,16 +130,20 @@ def create_cov_classifier(
         device=None,
         dtype=None,
 ) -> Tuple[nn.Module, nn.Module, int]:
-    """timm's ``create_classifier`` with one more ``pool_type``, ``'isqrt'`` (an :class:`ISqrtCovPool` head).
+    """timm's ``create_classifier`` with two more ``pool_type``: ``'isqrt'`` (an :class:`ISqrtCovPool` head) and
+    ``'cov'`` (a :class:`CovPool` head); ``isqrt_dim`` is either head's reduction.
 
     Returns ``(global_pool, fc, pooled_features)``.
     """
     dd = {'device': device, 'dtype': dtype}
     if pool_type not in POOL_TYPES:  # timm asserts; say what is valid
         raise ValueError(f'Unknown global_pool {pool_type!r}; valid choices: {", ".join(map(repr, POOL_TYPES))}')
-    if pool_type != 'isqrt':
+    if pool_type not in COV_POOL_TYPES:
         global_pool, fc = create_classifier(num_features, num_classes, pool_type=pool_type, **dd)
         return global_pool, fc, num_features * global_pool.feat_mult()
-    global_pool = ISqrtCovPool(num_features, dim=isqrt_dim, num_iters=isqrt_iters, **dd)
+    if pool_type == 'isqrt':
+        global_pool = ISqrtCovPool(num_features, dim=isqrt_dim, num_iters=isqrt_iters, **dd)
+    else:
+        global_pool = CovPool(num_features, dim=isqrt_dim, **dd)
     fc = nn.Linear(global_pool.out_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
     return global_pool, fc, global_pool.out_features

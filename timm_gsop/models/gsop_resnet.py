@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, clean_state_dict, generate_default
     resolve_pretrained_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..layers.cov_pool import ISqrtCovPool, create_cov_classifier
+from ..layers.cov_pool import CovPool, create_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
 from ..layers.second_order import triu_indices_flat
 
@@ -146,13 +146,13 @@ class GSoPResNet(ResNet):
 
 def reset_cov_classifier(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
     """``reset_classifier`` of a model with ``num_features``, ``global_pool``, ``fc``, ``isqrt_dim`` and
-    ``isqrt_iters``: a new ``fc``, and a new pooling unless it stays a (maybe trained) iSQRT-COV head."""
+    ``isqrt_iters``: a new ``fc``, and a new pooling unless it stays the same (maybe trained) covariance head."""
     if global_pool is None:
         global_pool = model.global_pool.pool_type
     model.num_classes = num_classes
     pool, model.fc, model.head_hidden_size = create_cov_classifier(
         model.num_features, num_classes, global_pool, model.isqrt_dim, model.isqrt_iters, **get_device_dtype(model))
-    if not (global_pool == 'isqrt' and isinstance(model.global_pool, ISqrtCovPool)):
+    if not (isinstance(model.global_pool, CovPool) and global_pool == model.global_pool.pool_type):
         model.global_pool = pool
     model.global_pool.train(model.training)
     model.fc.train(model.training)
@@ -377,7 +377,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     elif layout == 'fast-mpn-cov':
         state_dict = _fast_mpncov_to_timm(state_dict)
     has_head = any(k.startswith('global_pool.') for k in state_dict)
-    if has_head != isinstance(getattr(model, 'global_pool', None), ISqrtCovPool):
+    if has_head != isinstance(getattr(model, 'global_pool', None), CovPool):
         # the classifier was trained on another head's features (2048-d average vs 32,896-d covariance)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('global_pool.', 'fc.'))}
     return _warm_start(state_dict, model)
@@ -385,9 +385,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
 def cfg_pool_size_from_model(model: nn.Module) -> nn.Module:
     """Make ``pretrained_cfg['pool_size']`` the final map at the cfg's input size, which kwargs such as
-    ``last_stride`` change."""
+    ``last_stride`` (or a backbone's patch size) decide."""
     cfg, info = model.pretrained_cfg, model.feature_info
-    if isinstance(info, list) and info and cfg.get('pool_size'):
+    if isinstance(info, list) and info and cfg.get('input_size'):
         cfg['pool_size'] = tuple(-(-size // info[-1]['reduction']) for size in cfg['input_size'][1:])
     return model
 

@@ -32,9 +32,25 @@ def randomise_bn_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+# the covariance head on a timm backbone: the backbone made small by its own kwargs, else timm's small model of the
+# same class (EfficientNet, MobileNetV3, RegNet)
+_TINY_COVPOOL_RESNET = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128))
+TINY_COVPOOL = {
+    'covpool': _TINY_COVPOOL_RESNET,
+    'covpool_resnet50': _TINY_COVPOOL_RESNET,
+    'covpool_convnext_tiny': dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+    'covpool_efficientnet_b0': dict(backbone='test_efficientnet'),
+    'covpool_mobilenetv3_large_100': dict(backbone='mobilenetv3_small_050'),
+    'covpool_regnety_016': dict(backbone='regnety_002'),
+    'covpool_deit_small_patch16_224': dict(depth=3, embed_dim=32, num_heads=2, dynamic_img_size=True),
+}
+
+
 def tiny_kwargs(name: str) -> dict:
     """Kwargs that make any registered model small (one block per stage, narrow stages, 7 classes, a 32-d
     covariance head) while keeping its structure: for tests that run every model many times in float64."""
+    if name in TINY_COVPOOL:
+        return dict(TINY_COVPOOL[name], isqrt_dim=16, num_classes=7)
     if 'cifar' in name:
         kwargs = dict(layers=(1, 1, 1), num_classes=7)
     else:

@@ -493,7 +493,7 @@ def test_card_of_every_registered_model(name):
     for section in ('## Model Details', '## Model Usage', '### Image Classification', '### Feature Map Extraction',
                     '### Image Embeddings', '## Citation', '```bibtex', '- **Papers:**', '- **Dataset:**'):
         assert section in text, section
-    assert f"timm.create_model('{name}.{cfg.tag}', pretrained=True)" in text
+    assert f"timm.create_model('{f'{name}.{cfg.tag}' if cfg.tag else name}', pretrained=True)" in text
     assert f'({", ".join(map(str, [1, model.head_hidden_size]))}) shaped tensor' in text
     dataset = cards.dataset_for_tag(cfg.tag)
     assert card.data.datasets == ([dataset['hub_id']] if dataset else None)

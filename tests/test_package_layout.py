@@ -15,7 +15,7 @@ PACKAGE = ROOT / 'timm_gsop'
 # each module may import only modules of a lower rank (a module's own folder counts as its rank)
 RANKS = {
     'layers.second_order': 0, 'layers.gsop': 1, 'layers.cov_pool': 1, 'layers': 2,
-    'models.gsop_resnet': 3, 'models.preresnet_cifar': 4, 'models': 5, 'version': 0,
+    'models.gsop_resnet': 3, 'models.preresnet_cifar': 4, 'models.covpool_net': 4, 'models': 5, 'version': 0,
     'zoo': 6, 'run': 6, 'onnx_export': 6, 'checkpoints': 7, 'cards': 7, 'bench': 7,
     'export': 8, 'push': 9, 'demo': 9, 'recipes': 6, '': 10, '__main__': 11,  # '': the package's __init__
 }

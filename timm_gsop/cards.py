@@ -124,9 +124,10 @@ def _stage_list(stages: Sequence[int]) -> str:
 def describe_model(model: nn.Module) -> Dict[str, str]:
     """The numbers a card's prose states, read from ``model`` (its modules and cfg; meta device is fine):
     ``gsop_dim``, ``gsop_placement``, ``gsop_count``, ``last_stage``, ``final_map``, ``num_features``,
-    ``isqrt_dim``, ``isqrt_iters``, ``isqrt_features``. The family files name them as ``{placeholders}``, so a
+    ``isqrt_dim``, ``isqrt_iters``, ``isqrt_features``, ``head`` (the pooling head, in words), ``backbone`` (a
+    covariance-head model's timm backbone). The family files name them as ``{placeholders}``, so a
     card never states a dimension its model does not have."""
-    from .layers import ChannelGSoP, GSoPFusion, ISqrtCovPool, PositionGSoP
+    from .layers import ChannelGSoP, CovPool, GSoPFusion, ISqrtCovPool, PositionGSoP
     dims, per_stage = set(), []  # per stage: (index, blocks with GSoP, number of blocks)
     for idx, stage in enumerate((m for n, m in model.named_children() if n.startswith('layer')), start=1):
         used = [i for i, b in enumerate(stage) if isinstance(getattr(b, 'se', None),
@@ -150,6 +151,14 @@ def describe_model(model: nn.Module) -> Dict[str, str]:
     pool = getattr(model, 'global_pool', None)
     if isinstance(pool, ISqrtCovPool):
         facts.update(isqrt_dim=str(pool.dim), isqrt_iters=str(pool.num_iters), isqrt_features=f'{pool.out_features:,}')
+        facts['head'] = f'1x1 conv {pool.in_chs} -> {pool.dim} (no bias), BN, ReLU, covariance, {pool.num_iters} ' \
+                        f'Newton-Schulz iterations (iSQRT-COV), {pool.out_features:,}-d triangle vector'
+    elif isinstance(pool, CovPool):
+        facts['head'] = f'1x1 conv {pool.in_chs} -> {pool.dim} (no bias), BN, ReLU, covariance (no square root), ' \
+                        f'{pool.out_features:,}-d triangle vector'
+    else:
+        facts['head'] = f"{getattr(pool, 'pool_type', '') or 'no'} pooling of {facts['num_features']} channels"
+    facts['backbone'] = getattr(model, 'backbone_name', '-')
     return facts
 
 
@@ -205,6 +214,8 @@ def initialisation_source(args: Mapping[str, Any]) -> Optional[str]:
     own pretrained weights (None: from scratch). ``pretrained=True`` loads through the family's
     ``checkpoint_filter_fn``, which makes a plain network's checkpoint a warm start: the card says so."""
     warm = ' (GSoP modules it had no tensors for were initialised function-preserving, a warm start)'
+    if str(args.get('model') or '').startswith('covpool'):
+        warm = " (the backbone's weights; the covariance head and the classifier newly initialised)"
     if args.get('pretrained') and args.get('pretrained_path'):
         return f"`{args['pretrained_path']}`{warm}"
     if args.get('initial_checkpoint'):

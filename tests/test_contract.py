@@ -433,7 +433,7 @@ def test_bad_kwargs_are_value_errors_naming_value_and_choices(name):
                                        "'fusion_avg', 'fusion_max', 'fusion_concat'"),
             ('gsop_placement', 'every', "Unknown gsop_placement 'every'; valid choices: 'last', 'all'"),
             ('last_stride', 3, 'Unknown last_stride 3; valid choices: 1, 2'),
-            ('global_pool', 'cov', "Unknown global_pool 'cov'; valid choices: 'avg', .*'isqrt'"),
+            ('global_pool', 'covariance', "Unknown global_pool 'covariance'; valid choices: 'avg', .*'isqrt', 'cov'"),
             ('gsop_stages', (True,), 'gsop_stages'),
             ('gsop_dim', 0, 'dim must be a positive integer, got 0')):
         with pytest.raises(ValueError, match=message):

@@ -69,6 +69,11 @@ def _corr(text: str) -> float:
     return value
 
 
+def _pool_list(text: str) -> Sequence[str]:
+    # demo --heads: run_demo checks the names (before any training)
+    return tuple(p.strip() for p in text.split(',') if p.strip())
+
+
 def _add_model_kwargs(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help=f'{help_text}; values parsed as Python literals, as timm train.py --model-kwargs does '
@@ -322,7 +327,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(
         epochs=args.epochs, seed=args.seed, out=args.out, train_samples=args.train_samples,
         test_samples=args.test_samples, image_size=args.image_size, batch_size=args.batch_size,
-        corr=args.corr, progress=not args.no_progress, threads=args.threads, finetune_epochs=args.finetune_epochs)
+        corr=args.corr, progress=not args.no_progress, threads=args.threads, finetune_epochs=args.finetune_epochs,
+        head_pools=args.heads)
     print(f'\nDone in {time.perf_counter() - start:.0f} s.')
     export = result['export']
     return 0 if export is None or export['ok'] else 1
@@ -334,7 +340,9 @@ _DEMO_DESCRIPTION = '''\
 Train three same-size networks on CPU on generated images whose classes differ only in how the colour
 channels co-vary (no first-order statistic carries the label): a first-order ResNet (average pooling),
 GSoP-Net1 and GSoP-Net2; export GSoP-Net1 in Hub layout and reload it through timm; then warm-start a
-GSoP-Net1 from the first-order network's weights and fine-tune it. No data or network needed.'''
+GSoP-Net1 from the first-order network's weights and fine-tune it; last, train the first-order network's
+backbone with a covariance head (timm.create_model('covpool', backbone=...)) and with average pooling.
+No data or network needed.'''
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -483,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'several threads per process can be many times slower)')
     p.add_argument('--finetune-epochs', type=_bounded_int(0), default=3, metavar='N',
                    help='epochs of fine-tuning after the warm start from the first-order network (0: no warm start)')
+    p.add_argument('--heads', type=_pool_list, default='avg,isqrt', metavar='POOLS',
+                   help="global_pool of each row of the covariance-head section, comma-separated ('avg', 'isqrt', "
+                        "'cov' ...; empty: no such section)")
+    p.add_argument('--no-heads', dest='heads', action='store_const', const=(),
+                   help='skip the covariance-head section (same as --heads "")')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     return parser
 

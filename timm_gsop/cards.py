@@ -145,6 +145,7 @@ def describe_model(model: nn.Module) -> Dict[str, str]:
     if isinstance(info, list) and len(info) >= 2:
         same = info[-1]['reduction'] == info[-2]['reduction']
         facts['last_stage'] = 'stride 1 without dilation' if same else 'stride 2'
+    if isinstance(info, list) and info:
         h, w = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[1:]
         r = info[-1]['reduction']  # the model's own stride, not the cfg's pool_size (which kwargs do not update)
         facts['final_map'] = f'{h // r}x{w // r} final map at {h}x{w}'

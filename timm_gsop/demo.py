@@ -26,6 +26,11 @@ backbone is created from the first-order network's weights with
 filter starts the GSoP modules that file lacks function-preserving, so before any step it scores exactly what
 the first-order network scores. It is fine-tuned for a few epochs and shown next to GSoP-Net1 trained from
 scratch, with wall times.
+
+Last, any timm backbone with a covariance head (``timm.create_model('covpool', backbone=...)``): the
+first-order network's backbone, the same for every row, once per ``global_pool`` ('avg', 'isqrt' ...), trained
+like the rows above. It answers whether a covariance head alone, at the end of this small backbone, recovers
+what average pooling misses (docs/demo.md has the measured answer).
 """
 import math
 import os
@@ -43,7 +48,7 @@ from .zoo import count_params, format_table
 
 __all__ = [
     'DemoModel', 'DEMO_MODELS', 'correlation_images', 'correlation_rule_accuracy', 'train_classifier', 'evaluate',
-    'export_and_reload', 'warm_start_from', 'run_demo',
+    'export_and_reload', 'warm_start_from', 'head_models', 'run_demo',
 ]
 
 LABEL_NAMES = ('same sign', 'opposite sign')
@@ -67,6 +72,10 @@ DEMO_MODELS: Tuple[DemoModel, ...] = (
               dict(_TINY, channels=(8, 16, 32), gsop_dim=24, isqrt_dim=32)),
 )
 EXPORT_INDEX = 1  # GSoP-Net1
+# The covariance-head section: covpool on the first-order network's backbone, one row per global_pool
+HEAD_POOLS: Tuple[str, ...] = ('avg', 'isqrt')
+HEAD_ISQRT_DIM = 32  # GSoP-Net2's above: 528 covariance features
+_HEAD_LABELS = {'avg': 'avg pool', 'isqrt': 'iSQRT-COV head', 'cov': 'cov head (no sqrt)'}
 
 
 def correlation_images(
@@ -223,6 +232,21 @@ def warm_start_from(first_order: nn.Module, spec: DemoModel, out_dir: str) -> nn
             pretrained_cfg_overlay=dict(file=path, num_classes=len(LABEL_NAMES)), **kwargs)
 
 
+def head_models(
+        pools: Sequence[str] = HEAD_POOLS, backbone: DemoModel = DEMO_MODELS[0], isqrt_dim: int = HEAD_ISQRT_DIM,
+) -> Tuple[DemoModel, ...]:
+    """One ``covpool`` model per pooling in ``pools`` on ``backbone``'s network (its name and kwargs; the first-order
+    ResNet by default): the backbone is the same in every row, only ``global_pool`` differs."""
+    from .layers.cov_pool import POOL_TYPES
+    unknown = [p for p in pools if p not in POOL_TYPES or not p]
+    if unknown:
+        raise ValueError(f'unknown head pooling {unknown}; valid: {", ".join(p for p in POOL_TYPES if p)}')
+    return tuple(
+        DemoModel(f'Same backbone + {_HEAD_LABELS.get(pool, f"{pool} pool")}', 'covpool',
+                  dict(backbone.kwargs, backbone=backbone.name, global_pool=pool, isqrt_dim=isqrt_dim))
+        for pool in pools)
+
+
 def correlation_rule_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
     """Accuracy (%) of the hand-written second-order rule: the sign of corr(ch0, ch1) * corr(ch1, ch2), each
     correlation measured over the image's pixels. No learning; a yardstick for the networks."""
@@ -248,27 +272,30 @@ def run_demo(
         stream=None,
         threads: Optional[int] = None,
         finetune_epochs: int = 3,
+        head_pools: Sequence[str] = HEAD_POOLS,
 ) -> Dict[str, Any]:
-    """Run the demo; returns ``dict(rows=[...], export=..., warm_start=...)``. Each row: label, name, params,
-    accuracy (%), train_seconds, final_loss. ``export`` is None when ``out`` or ``export_index`` is None;
+    """Run the demo; returns ``dict(rows=[...], export=..., warm_start=..., heads=[...])``. Each row: label, name,
+    params, accuracy (%), train_seconds, final_loss. ``export`` is None when ``out`` or ``export_index`` is None;
     ``warm_start`` (accuracy before any step and after ``finetune_epochs``, seconds) is None when
-    ``finetune_epochs`` is 0 or the first model is not the first-order one. ``threads``: torch CPU threads
-    while it runs (None: leave as is)."""
+    ``finetune_epochs`` is 0 or the first model is not the first-order one. ``heads``: the rows of
+    :func:`head_models` on the first model's backbone, one per pooling in ``head_pools`` (empty: no such
+    section, ``[]``), plus global_pool and final_map (the map the head pools, ``(H, W)``). ``threads``: torch CPU
+    threads while it runs (None: leave as is)."""
     if epochs < 1 or finetune_epochs < 0:
         raise ValueError(f'epochs must be >= 1 and finetune_epochs >= 0, got {epochs} and {finetune_epochs}')
+    heads = head_models(head_pools, models[0]) if head_pools else ()  # bad names fail before any training
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         return _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_size, corr, models,
-                         export_index, progress, stream, finetune_epochs)
+                         export_index, progress, stream, finetune_epochs, heads)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_size, corr, models, export_index,
-              progress, stream, finetune_epochs) -> Dict[str, Any]:
-    import timm
+              progress, stream, finetune_epochs, heads) -> Dict[str, Any]:
     import timm_gsop  # noqa: F401 (registers the models)
 
     stream = stream or sys.stdout
@@ -280,7 +307,39 @@ def _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_
     say(f'Training {len(models)} models for {epochs} epochs each (batch {batch_size}, momentum SGD, cosine '
         f'schedule) on {torch.get_num_threads()} CPU thread(s).')
 
-    steps = train_samples // batch_size * epochs
+    rows, trained = _train_rows(models, x_train, y_train, x_test, y_test, epochs, batch_size, seed, progress)
+    say()
+    say(_rows_table(rows))
+    say(f'Chance: 50.0%. No first-order statistic helps: every channel has mean 0 and variance 1 in every image. '
+        f'The hand-written rule sign(corr(ch0, ch1) x corr(ch1, ch2)), measured on each test image\'s pixels, '
+        f'gets {correlation_rule_accuracy(x_test, y_test):.1f}%.')
+
+    export = None
+    if out is not None and export_index is not None:
+        spec = models[export_index]
+        export = export_and_reload(trained[export_index], out, x_test, image_size)
+        say()
+        say(f'Exported {spec.label} to {os.path.abspath(out)} ({", ".join(export["files"])}) with '
+            f'timm.models.save_for_hf.')
+        say(f"Reloaded with timm.create_model('{export['source']}', pretrained=True): "
+            f"{export['same_predictions']}/{export['total']} test predictions identical, max |logit difference| "
+            f"{export['max_abs_diff']:.2e} -> {'OK' if export['ok'] else 'MISMATCH'}")
+    warm = None
+    if finetune_epochs and models[0].name == 'preresnet164_cifar':
+        warm = _warm_start_section(trained[0], models[0], rows, x_train, y_train, x_test, y_test, finetune_epochs,
+                                   batch_size, seed, progress, say)
+    head_rows = []
+    if heads:
+        head_rows = _heads_section(heads, x_train, y_train, x_test, y_test, epochs, batch_size, seed, progress, say)
+    return dict(rows=rows, export=export, models=trained, rule_accuracy=correlation_rule_accuracy(x_test, y_test),
+                warm_start=warm, heads=head_rows)
+
+
+def _train_rows(models, x_train, y_train, x_test, y_test, epochs, batch_size, seed, progress):
+    """Each model of ``models`` created after ``torch.manual_seed(seed)`` and trained on the same batches: its row
+    and the trained model."""
+    import timm
+    steps = len(x_train) // batch_size * epochs
     rows, trained = [], []
     for spec in models:
         torch.manual_seed(seed)
@@ -303,32 +362,31 @@ def _run_demo(epochs, seed, out, train_samples, test_samples, image_size, batch_
         rows.append(dict(label=spec.label, name=spec.name, params=params, accuracy=acc, train_seconds=seconds,
                          final_loss=final_loss))
         trained.append(model)
+    return rows, trained
 
-    say()
-    say(format_table(
+
+def _rows_table(rows) -> str:
+    return format_table(
         ('model', 'timm name', 'params', 'test acc.', 'train time', 'final loss'),
         [(r['label'], r['name'], f"{r['params']:,}", f"{r['accuracy']:.1f}%", f"{r['train_seconds']:.1f} s",
-          f"{r['final_loss']:.3f}") for r in rows]))
-    say(f'Chance: 50.0%. No first-order statistic helps: every channel has mean 0 and variance 1 in every image. '
-        f'The hand-written rule sign(corr(ch0, ch1) x corr(ch1, ch2)), measured on each test image\'s pixels, '
-        f'gets {correlation_rule_accuracy(x_test, y_test):.1f}%.')
+          f"{r['final_loss']:.3f}") for r in rows])
 
-    export = None
-    if out is not None and export_index is not None:
-        spec = models[export_index]
-        export = export_and_reload(trained[export_index], out, x_test, image_size)
-        say()
-        say(f'Exported {spec.label} to {os.path.abspath(out)} ({", ".join(export["files"])}) with '
-            f'timm.models.save_for_hf.')
-        say(f"Reloaded with timm.create_model('{export['source']}', pretrained=True): "
-            f"{export['same_predictions']}/{export['total']} test predictions identical, max |logit difference| "
-            f"{export['max_abs_diff']:.2e} -> {'OK' if export['ok'] else 'MISMATCH'}")
-    warm = None
-    if finetune_epochs and models[0].name == 'preresnet164_cifar':
-        warm = _warm_start_section(trained[0], models[0], rows, x_train, y_train, x_test, y_test, finetune_epochs,
-                                   batch_size, seed, progress, say)
-    return dict(rows=rows, export=export, models=trained, rule_accuracy=correlation_rule_accuracy(x_test, y_test),
-                warm_start=warm)
+
+def _heads_section(heads, x_train, y_train, x_test, y_test, epochs, batch_size, seed, progress, say):
+    rows, trained = _train_rows(heads, x_train, y_train, x_test, y_test, epochs, batch_size, seed, progress)
+    with torch.no_grad():  # the map the head pools: the backbone's output on one image
+        final_map = tuple(trained[0].eval().forward_features(x_test[:1]).shape[-2:])
+    for row, spec in zip(rows, heads):
+        row.update(global_pool=spec.kwargs['global_pool'], final_map=final_map)
+    backbone = heads[0].kwargs['backbone']
+    say()
+    say(f"Any timm backbone: covariance head vs average pooling. timm.create_model('covpool', backbone="
+        f"'{backbone}', global_pool=...) on the first-order network's backbone (the same in every row, trained "
+        f'as above); only the head differs. It pools a {final_map[0]}x{final_map[1]} map of '
+        f"{trained[0].num_features} channels; the covariance heads reduce it to isqrt_dim="
+        f"{heads[0].kwargs['isqrt_dim']} first.")
+    say(_rows_table(rows))
+    return rows
 
 
 def _warm_start_section(first_order, spec, rows, x_train, y_train, x_test, y_test, epochs, batch_size, seed,

@@ -3,6 +3,8 @@
 * ``gsop_resnet50_in1k``: GSoP-Net1 on ImageNet-1k, the released code's schedule (95 epochs, x0.1 at 30/60/90).
 * ``gsop2_resnet50_in1k``: GSoP-Net2 on ImageNet-1k, the released code's schedule (65 epochs, x0.1 at 30/45/60).
 * ``gsop_preresnet164_cifar100``: ResNet-164 on CIFAR-100, our choice (He et al.'s schedule; the paper gives none).
+* ``covpool_resnet50_cub200``: iSQRT-COV on timm's ResNet-50 fine-tuned on CUB-200 at 448 px, fast-MPN-COV's
+  fine-grained protocol (100 epochs at lr 1.2e-3, the classifier's x5, batch 10, wd 1e-3); any ``covpool_*`` backbone.
 
 ``timm-gsop recipe NAME`` prints a recipe's path, for ``train.py --config "$(timm-gsop recipe NAME)"``.
 Command-line options given to ``train.py`` override the recipe's keys.

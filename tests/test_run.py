@@ -221,3 +221,36 @@ def test_real_benchmark_onnx_export_and_warm_start(tmp_path):
         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'Warm start of gsop_resnet50' in run.stdout + run.stderr and '4 GSoP module(s)' in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('TIMM_SCRIPTS'), reason='set TIMM_SCRIPTS to a folder with timm\'s train.py '
+                                                              'and validate.py')
+def test_real_finegrained_recipe_warm_start_export_validate(tmp_path):
+    """The fine-grained recipe in timm's own train.py (a small ResNet backbone, 64 px instead of 448): the covariance
+    head warm-started from a backbone file, then its export validated through `local-dir:`."""
+    import safetensors.torch
+    scripts = os.environ['TIMM_SCRIPTS']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    write_image_folder(tmp_path / 'data', counts=(('train', 8), ('validation', 4)), size=(72, 80))
+    backbone = ['layers=(1,1,1,1)', 'channels=(8,16,32,64)']
+    safetensors.torch.save_file(timm.create_model('resnet50', layers=(1, 1, 1, 1), channels=(8, 16, 32, 64)).state_dict(),
+                                str(tmp_path / 'resnet50.safetensors'))
+    small = ['--num-classes', '2', '--img-size', '64', '-b', '4', '--device', 'cpu', '--workers', '0']
+    run = subprocess.run(
+        [sys.executable, os.path.join(scripts, 'train.py'), str(tmp_path / 'data'), '--device-modules', 'timm_gsop',
+         '--config', recipe_path('covpool_resnet50_cub200'), '--pretrained-path', str(tmp_path / 'resnet50.safetensors'),
+         '--model-kwargs', *backbone, 'isqrt_dim=16', *small, '--epochs', '1', '--output', str(tmp_path / 'out'),
+         '--experiment', 'cub'], capture_output=True, text=True, env=env, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert 'Warm start of covpool_resnet50' in log and 'global_pool.conv_reduce' in log
+    checkpoint = tmp_path / 'out' / 'cub' / 'last.pth.tar'
+    assert main(['export', str(checkpoint), '--out', str(tmp_path / 'export')]) == 0
+    for model in (['--model', 'covpool_resnet50', '--model-kwargs', *backbone, 'isqrt_dim=16', '--checkpoint',
+                   str(checkpoint)], ['--model', f'local-dir:{tmp_path / "export"}', '--pretrained']):
+        run = subprocess.run(
+            [sys.executable, '-m', 'timm_gsop', 'run', os.path.join(scripts, 'validate.py'), str(tmp_path / 'data'),
+             '--split', 'validation', *model, *small, '--crop-pct', '1.0'],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0 and '"top1"' in run.stdout, run.stderr[-3000:]

@@ -34,7 +34,8 @@ from timm.layers import register_notrace_function
 from timm.models import PretrainedCfg, clean_state_dict, create_model, generate_default_cfgs, get_pretrained_cfg, \
     group_parameters, is_model, model_entrypoint, register_model, split_model_name_tag
 
-from .gsop_resnet import WarmStartWarning, build_model_saying_why, reset_cov_classifier, set_bn_args
+from .gsop_resnet import WarmStartWarning, build_model_saying_why, describe_source, reset_cov_classifier, \
+    set_bn_args
 
 __all__ = ['CovPoolNet', 'backbone_pretrained_cfg']
 
@@ -266,7 +267,7 @@ def _backbone_out_indices(backbone: str, kwargs: Mapping[str, Any]) -> Tuple[int
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
-def _backbone_filter(backbone: nn.Module, backbone_name: str) -> Optional[Callable]:
+def _backbone_filter(backbone_name: str) -> Optional[Callable]:
     """The backbone family's ``checkpoint_filter_fn`` (timm's convention: original layouts, resized position
     embeddings), if it has one."""
     module = sys.modules.get(model_entrypoint(split_model_name_tag(backbone_name)[0]).__module__)
@@ -287,7 +288,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     if any(k.startswith('backbone.') for k in state_dict):
         return state_dict
     backbone = model.backbone
-    family_filter = _backbone_filter(backbone, model.backbone_name)
+    family_filter = _backbone_filter(model.backbone_name)
     if family_filter is not None:
         state_dict = family_filter(state_dict, backbone)
     classifiers = backbone.pretrained_cfg.get('classifier') or ()
@@ -298,12 +299,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     out.update(new)
     if new:
         cfg = getattr(model, 'pretrained_cfg', None) or {}
-        source = cfg.get('file') or cfg.get('url') or (f"hf-hub:{cfg['hf_hub_id']}" if cfg.get('hf_hub_id') else
-                                                       'the state dict given')
         modules = sorted({k.rsplit('.', 1)[0] for k in new})
         warnings.warn(
-            f"Warm start of {cfg.get('architecture', type(model).__name__)} from {source}, weights of its backbone "
-            f'{model.backbone_name}: newly initialised (not in the checkpoint): {", ".join(modules)}.',
+            f"Warm start of {cfg.get('architecture', type(model).__name__)} from {describe_source(model)}, weights of "
+            f'its backbone {model.backbone_name}: newly initialised (not in the checkpoint): {", ".join(modules)}.',
             WarmStartWarning, stacklevel=3)
     return out
 

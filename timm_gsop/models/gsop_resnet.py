@@ -307,7 +307,9 @@ def _gsop_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return out
 
 
-def _describe_source(model: nn.Module) -> str:
+def describe_source(model: nn.Module) -> str:
+    """Where the weights timm's loader gives ``model`` come from (its pretrained cfg's state dict, file, url or Hub
+    repo), for warnings."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if cfg.get('state_dict') is not None:
         return 'the state dict given'
@@ -341,7 +343,7 @@ def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[s
     state_dict.update(new)
     manner = getattr(model, 'gsop_manner', 'channel')
     name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
-    text = f'Warm start of {name} from {_describe_source(model)}: '
+    text = f'Warm start of {name} from {describe_source(model)}: '
     if started:
         text += f'{len(started)} GSoP module(s) had no tensors there and were initialised with each gate 0.5 and ' \
                 'the module it scales doubled: '
@@ -499,7 +501,7 @@ def _warn_if_finetune_start(state_dict: Mapping[str, torch.Tensor], model: nn.Mo
     arch = str(cfg.get('architecture') or 'isqrt_resnet50')
     drive = _RETRAINED_DRIVE_IDS.get(arch, _RETRAINED_DRIVE_IDS['isqrt_resnet50'])
     warnings.warn(
-        f'{_describe_source(model)} is {file}: a fine-tuning start only. Its classifier was trained with a triangle '
+        f'{describe_source(model)} is {file}: a fine-tuning start only. Its classifier was trained with a triangle '
         'order the released code does not use and classifies ImageNet at chance (0.166% top-1 with the authors\' '
         'code, fast-MPN-COV issue #20); its backbone and covariance head are fine to fine-tune from (num_classes=N '
         f'gives a new classifier). The re-trained weights: Google Drive id {drive}, then '

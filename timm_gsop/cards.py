@@ -152,10 +152,10 @@ def describe_model(model: nn.Module) -> Dict[str, str]:
     pool = getattr(model, 'global_pool', None)
     if isinstance(pool, ISqrtCovPool):
         facts.update(isqrt_dim=str(pool.dim), isqrt_iters=str(pool.num_iters), isqrt_features=f'{pool.out_features:,}')
-        facts['head'] = f'1x1 conv {pool.in_chs} -> {pool.dim} (no bias), BN, ReLU, covariance, {pool.num_iters} ' \
-                        f'Newton-Schulz iterations (iSQRT-COV), {pool.out_features:,}-d triangle vector'
-    elif isinstance(pool, CovPool):
-        facts['head'] = f'1x1 conv {pool.in_chs} -> {pool.dim} (no bias), BN, ReLU, covariance (no square root), ' \
+    if isinstance(pool, CovPool):
+        root = f', {pool.num_iters} Newton-Schulz iterations (iSQRT-COV)' if isinstance(pool, ISqrtCovPool) else \
+            ' (no square root)'
+        facts['head'] = f'1x1 conv {pool.in_chs} -> {pool.dim} (no bias), BN, ReLU, covariance{root}, ' \
                         f'{pool.out_features:,}-d triangle vector'
     else:
         facts['head'] = f"{getattr(pool, 'pool_type', '') or 'no'} pooling of {facts['num_features']} channels"

@@ -31,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import register_notrace_function
-from timm.models import PretrainedCfg, clean_state_dict, create_model, generate_default_cfgs, get_pretrained_cfg, \
+from timm.models import PretrainedCfg, create_model, generate_default_cfgs, get_pretrained_cfg, \
     group_parameters, is_model, model_entrypoint, register_model, split_model_name_tag
 
 from .gsop_resnet import WarmStartWarning, build_model_saying_why, describe_source, reset_cov_classifier, \
-    set_bn_args
+    set_bn_args, tensors_of_checkpoint
 
 __all__ = ['CovPoolNet', 'backbone_pretrained_cfg']
 
@@ -280,11 +280,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     classifier, with the head and classifier of the model's own initialisation (announced by one
     ``WarmStartWarning``). Transforms only: ``load_state_dict`` checks what remains.
     """
-    for key in ('state_dict', 'model'):
-        if isinstance(state_dict.get(key), Mapping):
-            state_dict = state_dict[key]
-            break
-    state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    state_dict = tensors_of_checkpoint(state_dict)
     if any(k.startswith('backbone.') for k in state_dict):
         return state_dict
     backbone = model.backbone
@@ -309,12 +305,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
 def _create_covpool(variant: str, pretrained: bool = False, **kwargs) -> CovPoolNet:
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
+    kwargs.setdefault('backbone', 'resnet50')
     if pretrained_cfg is None or isinstance(pretrained_cfg, str):
         # no cfg of this family's own weights (none are published): a tag names the backbone's weights
-        kwargs['backbone'] = _backbone_with_tag(kwargs.get('backbone', 'resnet50'), pretrained_cfg)
+        kwargs['backbone'] = _backbone_with_tag(kwargs['backbone'], pretrained_cfg)
         pretrained_cfg = backbone_pretrained_cfg(variant, kwargs['backbone'])
     if kwargs.get('features_only') and 'out_indices' not in kwargs:
-        kwargs['out_indices'] = _backbone_out_indices(kwargs.get('backbone', 'resnet50'), kwargs)
+        kwargs['out_indices'] = _backbone_out_indices(kwargs['backbone'], kwargs)
     return build_model_saying_why(
         CovPoolNet, variant, pretrained, pretrained_cfg=pretrained_cfg, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter'), **kwargs)

@@ -357,6 +357,16 @@ def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[s
     return state_dict
 
 
+def tensors_of_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """A checkpoint's state dict: a training checkpoint's ``state_dict`` / ``model`` entry (else the mapping itself),
+    its tensors only, without DataParallel's ``module.`` (timm's ``clean_state_dict``)."""
+    for key in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    return clean_state_dict({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Convert a checkpoint to ``model``'s names.
 
@@ -368,11 +378,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     checkpoint becomes a warm start (``_warm_start``, announced by a ``WarmStartWarning``). Transforms only:
     ``load_state_dict`` checks what remains.
     """
-    for key in ('state_dict', 'model'):
-        if isinstance(state_dict.get(key), Mapping):
-            state_dict = state_dict[key]
-            break
-    state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    state_dict = tensors_of_checkpoint(state_dict)
     layout = checkpoint_layout(state_dict)
     if layout == 'released-gsop':
         state_dict = _released_gsop_to_timm(state_dict, model)

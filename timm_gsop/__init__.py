@@ -6,4 +6,3 @@ works like any timm model.
 from .version import __version__
 from .layers import *  # noqa: F401,F403
 from .models import *  # noqa: F401,F403 (the import registers the models)
-from .models.gsop_resnet import checkpoint_filter_fn

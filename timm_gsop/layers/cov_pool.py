@@ -4,17 +4,17 @@ covariance pooling
 "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
 Normalization", Li, Xie, Wang, Gao, CVPR 2018 (arXiv:1712.01034). Code (MIT): https://github.com/jiangtaoxie/fast-MPN-COV
 """
-from typing import Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from timm.layers import create_classifier
+from timm.layers import create_classifier, get_device_dtype
 
 from .second_order import covariance_pool, isqrt, triu_indices_flat, triu_vectorize
 
-__all__ = ['POOL_TYPES', 'COV_POOL_TYPES', 'CovPool', 'ISqrtCovPool', 'create_cov_classifier']
+__all__ = ['POOL_TYPES', 'COV_POOL_TYPES', 'CovPool', 'ISqrtCovPool', 'create_cov_classifier', 'reset_cov_classifier']
 
 # timm's SelectAdaptivePool2d types ('' is none), the iSQRT-COV head and plain covariance pooling
 COV_POOL_TYPES = ('isqrt', 'cov')
@@ -147,3 +147,17 @@ def create_cov_classifier(
         global_pool = CovPool(num_features, dim=isqrt_dim, **dd)
     fc = nn.Linear(global_pool.out_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
     return global_pool, fc, global_pool.out_features
+
+
+def reset_cov_classifier(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
+    """``reset_classifier`` of a model with ``num_features``, ``global_pool``, ``fc``, ``isqrt_dim`` and
+    ``isqrt_iters``: a new ``fc``, and a new pooling unless it stays the same (maybe trained) covariance head."""
+    if global_pool is None:
+        global_pool = model.global_pool.pool_type
+    model.num_classes = num_classes
+    pool, model.fc, model.head_hidden_size = create_cov_classifier(
+        model.num_features, num_classes, global_pool, model.isqrt_dim, model.isqrt_iters, **get_device_dtype(model))
+    if not (isinstance(model.global_pool, CovPool) and global_pool == model.global_pool.pool_type):
+        model.global_pool = pool
+    model.global_pool.train(model.training)
+    model.fc.train(model.training)

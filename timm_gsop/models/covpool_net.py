@@ -8,11 +8,16 @@ pooling and a linear classifier:
     timm.create_model('covpool_convnext_tiny', pretrained=True, num_classes=200)      # registered backbones
     timm.create_model('covpool', backbone='regnety_040.ra3_in1k', pretrained=True)   # any timm model
 
-``pretrained=True`` loads the backbone's published weights (its tag: ``covpool_resnet50.a1_in1k`` or
-``backbone='resnet50.a1_in1k'``) through timm's loader; ``checkpoint_filter_fn`` initialises the head and the
-classifier, so the backbone computes what ``timm.create_model(backbone, pretrained=True)`` computes. The model's
-pretrained cfg (mean, std, input size, crop) is that of the backbone's weights. No weights of the whole network
-are published: ``timm.list_models(pretrained=True)`` lists none of these.
+A backbone that does not give such a map at its input size (pooled or class-token-only features, a map of one
+position, a head that cannot turn its pooling off) is refused with a ValueError when the model is built.
+
+``pretrained=True`` builds the backbone with ``timm.create_model(backbone, pretrained=True)``: its published weights
+(the tag: ``covpool_resnet50.a1_in1k`` or ``backbone='resnet50.a1_in1k'``), or a file / state dict of it
+(``pretrained_cfg_overlay``, train.py's ``--pretrained-path``), loaded by its own family's loader; the head and the
+classifier start new (``WarmStartWarning``), so the model's features are what the backbone computes. The model's
+pretrained cfg holds that backbone's data settings (mean, std, input size, crop). A checkpoint of the whole model
+(``timm-gsop export``, ``hf-hub:``, ``local-dir:``) loads through this family's ``checkpoint_filter_fn``. No
+weights of the whole network are published: ``timm.list_models(pretrained=True)`` lists none of these.
 
 Heads (``global_pool``): 'isqrt' (iSQRT-COV: 1x1 conv to ``isqrt_dim``, BN, ReLU, covariance, ``isqrt_iters``
 Newton-Schulz iterations, triangle vector), 'cov' (the same without the square root) or any timm pooling
@@ -21,8 +26,7 @@ Newton-Schulz iterations, triangle vector), 'cov' (the same without the square r
 iSQRT-COV: "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
 Normalization", Li, Xie, Wang, Gao, CVPR 2018 (https://github.com/jiangtaoxie/fast-MPN-COV, MIT).
 """
-import inspect
-import sys
+import itertools
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -30,68 +34,117 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_function
-from timm.models import PretrainedCfg, create_model, generate_default_cfgs, get_pretrained_cfg, \
-    group_parameters, is_model, model_entrypoint, register_model, split_model_name_tag
+from timm.models import PretrainedCfg, build_model_with_cfg, clean_state_dict, create_model, \
+    generate_default_cfgs, get_model_input_config, group_parameters, is_model, load_state_dict, register_model, \
+    split_model_name_tag
 
-from .gsop_resnet import WarmStartWarning, build_model_saying_why, describe_source, reset_cov_classifier, \
-    set_bn_args, tensors_of_checkpoint
+from ..layers.cov_pool import reset_cov_classifier
+from .gsop_resnet import WarmStartWarning
 
-__all__ = ['CovPoolNet', 'backbone_pretrained_cfg']
+__all__ = ['CovPoolNet']
+
+
+class _PreLogits(nn.Module):
+    """A backbone's features up to its pooling, the map the head pools: the construction probe's forward."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
 
 class CovPoolNet(nn.Module):
     """A timm backbone with a covariance pooling head.
 
     Args:
-        backbone: a timm model name, with or without a pretrained tag ('resnet50', 'convnext_tiny.fb_in22k').
+        backbone: a timm model (``num_classes=0``), or the name of one.
         num_classes: classes of the linear classifier (0: none).
         in_chans: image channels (the backbone's).
         global_pool: 'isqrt' (iSQRT-COV), 'cov' (plain covariance), a timm pool type ('avg' ...) or '' (none).
         isqrt_dim: channels after the covariance head's 1x1 reduction (256 -> 32,896 features; 0: none).
         isqrt_iters: Newton-Schulz iterations of the 'isqrt' head (iSQRT-COV: 5).
         drop_rate: dropout before the classifier.
-        bn_momentum, bn_eps: every BatchNorm's momentum / eps (timm train.py's ``--bn-momentum`` ...).
-        **backbone_args: for ``timm.create_model(backbone, ...)`` (``drop_path_rate``, ``img_size``,
-            ``output_stride`` ...).
+        **backbone_args: for ``timm.create_model(backbone, ...)`` when ``backbone`` is a name (``drop_path_rate``,
+            ``img_size``, ``output_stride`` ...).
     """
 
     def __init__(
             self,
-            backbone: str = 'resnet50',
+            backbone: Union[str, nn.Module] = 'resnet50',
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'isqrt',
             isqrt_dim: int = 256,
             isqrt_iters: int = 5,
             drop_rate: float = 0.,
-            bn_momentum: Optional[float] = None,
-            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
             **backbone_args: Any,
     ) -> None:
         super().__init__()
-        check_backbone(backbone)
-        dd = {k: v for k, v in (('device', device), ('dtype', dtype)) if v is not None}
-        self.backbone = create_model(backbone, num_classes=0, in_chans=in_chans, **dd, **backbone_args)
+        if isinstance(backbone, str):
+            if not is_model(split_model_name_tag(backbone)[0]):
+                raise ValueError(f'backbone must name a timm model (timm.list_models() lists them), got {backbone!r}')
+            dd = {k: v for k, v in (('device', device), ('dtype', dtype)) if v is not None}
+            backbone = create_model(backbone, num_classes=0, in_chans=in_chans, **dd, **backbone_args)
+        self.backbone_name = backbone.pretrained_cfg.get('architecture') or type(backbone).__name__
         # the backbone's own head stays up to its pooling (ConvNeXt's norm, MobileNetV3's 1x1 conv are pretrained)
-        self.backbone.reset_classifier(0, '')
-        self.backbone_name = backbone
+        try:
+            backbone.reset_classifier(0, '')
+        except AssertionError as e:  # timm asserts what its heads support (under -O the probe refuses it)
+            raise ValueError(f'backbone {self.backbone_name} cannot turn its pooling off ({e})') from e
+        self.backbone = backbone
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.isqrt_dim = isqrt_dim
         self.isqrt_iters = isqrt_iters
-        self.num_prefix_tokens: int = getattr(self.backbone, 'num_prefix_tokens', 0)
-        self.backbone_nhwc: bool = getattr(self.backbone, 'output_fmt', 'NCHW') == 'NHWC'
-        self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in self.backbone.feature_info]
+        self.num_prefix_tokens: int = getattr(backbone, 'num_prefix_tokens', 0) or 0
+        self.backbone_nhwc: bool = getattr(backbone, 'output_fmt', 'NCHW') == 'NHWC'
+        self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in backbone.feature_info]
         self.reduction: int = self.feature_info[-1]['reduction']
-        self.num_features = self.head_hidden_size = self.backbone.head_hidden_size
+        self.num_features = self.head_hidden_size = self._probe()
         # a parameter-free head first: the real one is made by reset_classifier
         self.global_pool, self.fc = nn.Identity(), nn.Identity()
         self.reset_classifier(num_classes, global_pool)
-        set_bn_args(self, bn_momentum, bn_eps)
+
+    def _probe(self) -> int:
+        """The channels of the map the head pools, from a forward at the backbone's input size on the meta device
+        (no compute; a real one where the backbone keeps tensors meta cannot replace); a ValueError naming the
+        backbone and what it gives when that is not a map of more than one position."""
+        chans, height, width = get_model_input_config(self.backbone)['input_size']
+        net, training = _PreLogits(self.backbone).eval(), self.backbone.training
+        try:
+            with torch.no_grad():
+                try:
+                    tensors = itertools.chain(net.named_parameters(), net.named_buffers())
+                    meta = {k: torch.empty_like(v, device='meta') for k, v in tensors}
+                    out = torch.func.functional_call(net, meta, (torch.empty(2, chans, height, width, device='meta'),))
+                except (NotImplementedError, RuntimeError):
+                    out = net(torch.zeros(2, chans, height, width))
+        finally:
+            self.backbone.train(training)
+        grid = -(-height // self.reduction) * -(-width // self.reduction)
+        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else f'a {type(out).__name__}'
+        if not isinstance(out, torch.Tensor) or out.ndim == 2:
+            why = 'pooled features: its head pools whatever global_pool says' if shape == (out.shape[1],) else \
+                'not a tensor'
+        elif out.ndim == 3 and out.shape[1] != self.num_prefix_tokens + grid:
+            why = f'tokens that are not {self.num_prefix_tokens} prefix token(s) + a grid of {grid} patches'
+        elif out.ndim == 4 and out.shape[-2 if self.backbone_nhwc else -1] * out.shape[-3 if self.backbone_nhwc else -2] < 2:
+            why = 'a map of one position, whose covariance is zero'
+        elif out.ndim in (3, 4) and (out.ndim == 4 or grid > 1):
+            return out.shape[-1] if out.ndim == 3 or self.backbone_nhwc else out.shape[1]
+        else:
+            why = 'one patch token'
+        raise ValueError(
+            f'backbone {self.backbone_name} cannot feed a covariance head: at {height}x{width} its features up to the '
+            f'pooling are {shape}, {why}; the head needs a (C, H, W) map of more than one position or patch tokens '
+            'on a grid')
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
@@ -195,37 +248,31 @@ def features_to_map(
 
 torch.fx.wrap('features_to_map')  # and for plain torch.fx.symbolic_trace
 
+# ---- checkpoints and the pretrained cfg ------------------------------------------------------------------------
 
-def check_backbone(backbone: Any) -> None:
-    """A ValueError unless ``backbone`` names a timm model (with or without a tag)."""
-    if not isinstance(backbone, str) or not is_model(split_model_name_tag(backbone)[0]):
-        raise ValueError(f'backbone must name a timm model (timm.list_models() lists them, a pretrained tag may '
-                         f'follow: "resnet50.a1_in1k"), got {backbone!r}')
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert a checkpoint to ``model``'s names: this family's checkpoints as they are; a checkpoint of the
+    backbone (timm's layout) under ``backbone.``, without the backbone's classifier (no head or classifier: a
+    strict load names them; ``pretrained=True`` with such a file loads it into the backbone with its own loader).
+    """
+    state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
+    state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
+    if any(k.startswith('backbone.') for k in state_dict):
+        return state_dict
+    classifiers = model.backbone.pretrained_cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    return {f'backbone.{k}': v for k, v in state_dict.items() if k.rsplit('.', 1)[0] not in classifiers}
 
 
-# ---- the pretrained cfg: the backbone's data settings and weights ---------------------------------------------
-
+# the backbone's cfg entries that describe its data, which the model takes as its own
 _BACKBONE_DATA = ('input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'interpolation', 'crop_pct',
-                  'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'pool_size')
-_BACKBONE_WEIGHTS = ('url', 'file', 'hf_hub_id', 'hf_hub_filename')
+                  'test_crop_pct', 'crop_mode', 'mean', 'std', 'tag')
 
 
-def _cfg(backbone: str, weights: bool = False, **kwargs) -> Dict[str, Any]:
-    """This family's cfg of a model on ``backbone``: its paper and classifier, the backbone's data settings and,
-    with ``weights``, where the backbone's weights are (timm's loader loads them, ``checkpoint_filter_fn`` adapts
-    them)."""
-    source = get_pretrained_cfg(backbone)  # RuntimeError for an unknown tag of a known model, naming it
-    source = source.to_dict() if source is not None else {}
-    cfg = {k: source[k] for k in _BACKBONE_DATA if source.get(k) is not None}
-    if weights:
-        cfg.update({k: source[k] for k in _BACKBONE_WEIGHTS if source.get(k)})
-    first_conv = source.get('first_conv')
-    if isinstance(first_conv, (tuple, list)):
-        first_conv = tuple(f'backbone.{c}' for c in first_conv)
-    elif first_conv:
-        first_conv = f'backbone.{first_conv}'
+def _cfg(**kwargs) -> Dict[str, Any]:
     return {
-        **cfg, 'first_conv': first_conv, 'classifier': 'fc', 'license': 'mit',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'classifier': 'fc', 'license': 'mit',
         'paper_ids': 'arXiv:1712.01034', 'origin_url': 'https://github.com/jiangtaoxie/fast-MPN-COV',
         'paper_name': 'Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root '
                       'Normalization',
@@ -233,98 +280,72 @@ def _cfg(backbone: str, weights: bool = False, **kwargs) -> Dict[str, Any]:
     }
 
 
-def _backbone_with_tag(backbone: str, tag: Optional[str]) -> str:
-    """``backbone`` with the tag that names its weights: the model name's (``covpool_resnet50.a1_in1k``), the
-    backbone's own, else the backbone's default tag."""
-    check_backbone(backbone)
-    arch, own = split_model_name_tag(backbone)
-    if tag and own and tag != own:
-        raise ValueError(f'Two pretrained tags for the backbone: {tag!r} (the model name) and {own!r} (backbone='
-                         f'{backbone!r}); give one')
-    tag = tag or own or getattr(get_pretrained_cfg(arch), 'tag', None)
-    return f'{arch}.{tag}' if tag else arch
+def _create_covpool(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """The backbone resolved once: its name and tag (the model name's, or ``backbone``'s) parsed here, the backbone
+    built once by ``timm.create_model``, with its own loader when its weights are the source (its published tag,
+    a file or a state dict of it). This family's own checkpoints (an export through ``hf-hub:`` / ``local-dir:``, a
+    file or state dict of the whole model) load through ``build_model_with_cfg`` and ``checkpoint_filter_fn``."""
+    pretrained_cfg, overlay = kwargs.pop('pretrained_cfg', None), dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    features_only = kwargs.pop('features_only', False)
+    strict = {k: kwargs.pop(k) for k in ('pretrained_strict',) if k in kwargs}  # for whichever loads
+    own = {k: kwargs.pop(k) for k in ('num_classes', 'global_pool', 'isqrt_dim', 'isqrt_iters', 'drop_rate') if k in kwargs}
+    backbone, tag = split_model_name_tag(kwargs.pop('backbone', 'resnet50'))
+    if not is_model(backbone):
+        raise ValueError(f'backbone must name a timm model (timm.list_models() lists them), got {backbone!r}')
+    if isinstance(pretrained_cfg, str) or pretrained_cfg is None:  # a tag names the backbone's weights
+        if pretrained_cfg and tag and pretrained_cfg != tag:
+            raise ValueError(f'Two pretrained tags for the backbone: {pretrained_cfg!r} (the model name) and {tag!r} '
+                             f'(backbone={backbone}.{tag}); give one')
+        backbone, pretrained_cfg = f'{backbone}.{pretrained_cfg or tag}' if pretrained_cfg or tag else backbone, None
+    state_dict = overlay.pop('state_dict', None)
+    if pretrained and overlay.get('file'):  # read once: a file of the whole model or of the backbone
+        state_dict = load_state_dict(overlay.pop('file'))
+    whole = pretrained and (pretrained_cfg is not None or any(k.startswith('backbone.') for k in state_dict or ()))
+    if state_dict is not None and not whole:
+        overlay['state_dict'] = state_dict
+    if features_only:  # the model's features are the backbone's
+        if whole:  # the backbone's tensors of this family's checkpoint
+            overlay = dict(state_dict={k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith(
+                'backbone.')} if state_dict is not None else _create_covpool(
+                variant, True, pretrained_cfg=pretrained_cfg, backbone=backbone, **kwargs).backbone.state_dict())
+        return create_model(backbone, pretrained=pretrained, features_only=True, pretrained_cfg_overlay=overlay or None,
+                            **strict, **kwargs)
+    net = create_model(backbone, pretrained=pretrained and not whole, num_classes=0,
+                       pretrained_cfg_overlay=None if whole else overlay or None, **({} if whole else strict), **kwargs)
+    if pretrained_cfg is None:  # the backbone's data settings are the model's
+        source = net.pretrained_cfg
+        first_conv = source.get('first_conv')
+        first_conv = tuple(f'backbone.{c}' for c in first_conv) if isinstance(first_conv, (tuple, list)) else \
+            f'backbone.{first_conv}' if first_conv else None
+        input_size = get_model_input_config(net)['input_size']
+        pretrained_cfg = PretrainedCfg(**_cfg(
+            architecture=variant, first_conv=first_conv, **{k: source.get(k) for k in _BACKBONE_DATA},
+            pool_size=tuple(-(-size // net.feature_info[-1]['reduction']) for size in input_size[1:]),
+            **(overlay if whole else {})))
+    model = build_model_with_cfg(
+        CovPoolNet, variant, whole, pretrained_cfg=pretrained_cfg, **(strict if whole else {}),
+        pretrained_cfg_overlay=dict(state_dict=state_dict) if whole and state_dict is not None else None,
+        pretrained_filter_fn=checkpoint_filter_fn, backbone=net,
+        **{k: v for k, v in kwargs.items() if k in ('in_chans', 'device', 'dtype')}, **own)
+    if pretrained and not whole:
+        where = 'the state dict given' if state_dict is not None else \
+            net.pretrained_cfg.get('hf_hub_id') or net.pretrained_cfg.get('url') or net.pretrained_cfg.get('file')
+        warnings.warn(f'Warm start of {variant} from the weights of its backbone {backbone} ({where}): its features '
+                      "are the backbone's; newly initialised: global_pool, fc.", WarmStartWarning, stacklevel=3)
+    return model
 
 
-def backbone_pretrained_cfg(variant: str, backbone: str) -> PretrainedCfg:
-    """The pretrained cfg ``create_model(variant, backbone=backbone)`` gets: the backbone's weights (its tag, else
-    its default) and their data settings, this family's classifier and paper."""
-    cfg = _cfg(backbone, weights=True, architecture=variant, tag=split_model_name_tag(backbone)[1] or None)
-    return PretrainedCfg(**cfg)
-
-
-def _own_args() -> Tuple[str, ...]:
-    return tuple(inspect.signature(CovPoolNet.__init__).parameters)
-
-
-def _backbone_out_indices(backbone: str, kwargs: Mapping[str, Any]) -> Tuple[int, ...]:
-    """The feature levels ``timm.create_model(backbone, features_only=True)`` gives (every stage of a CNN, the last
-    blocks of a ViT): built on the meta device, for its ``feature_info`` only."""
-    own = set(_own_args()) | {'features_only', 'out_indices', 'feature_cls', 'pretrained_cfg_overlay'}
-    args = {k: v for k, v in kwargs.items() if k not in own}
-    features = create_model(backbone, features_only=True, device='meta', in_chans=kwargs.get('in_chans', 3), **args)
-    return tuple(features.feature_info.out_indices)
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------------
-
-def _backbone_filter(backbone_name: str) -> Optional[Callable]:
-    """The backbone family's ``checkpoint_filter_fn`` (timm's convention: original layouts, resized position
-    embeddings), if it has one."""
-    module = sys.modules.get(model_entrypoint(split_model_name_tag(backbone_name)[0]).__module__)
-    return getattr(module, 'checkpoint_filter_fn', None)
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert a checkpoint to ``model``'s names: this family's checkpoints as they are; a checkpoint of the
-    backbone (timm's layout or one its family's filter converts) under ``backbone.``, without the backbone's
-    classifier, with the head and classifier of the model's own initialisation (announced by one
-    ``WarmStartWarning``). Transforms only: ``load_state_dict`` checks what remains.
-    """
-    state_dict = tensors_of_checkpoint(state_dict)
-    if any(k.startswith('backbone.') for k in state_dict):
-        return state_dict
-    backbone = model.backbone
-    family_filter = _backbone_filter(model.backbone_name)
-    if family_filter is not None:
-        state_dict = family_filter(state_dict, backbone)
-    classifiers = backbone.pretrained_cfg.get('classifier') or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-    dropped = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
-    out = {f'backbone.{k}': v for k, v in state_dict.items() if k not in dropped}
-    new = {k: v for k, v in model.state_dict().items() if not k.startswith('backbone.')}
-    out.update(new)
-    if new:
-        cfg = getattr(model, 'pretrained_cfg', None) or {}
-        modules = sorted({k.rsplit('.', 1)[0] for k in new})
-        warnings.warn(
-            f"Warm start of {cfg.get('architecture', type(model).__name__)} from {describe_source(model)}, weights of "
-            f'its backbone {model.backbone_name}: newly initialised (not in the checkpoint): {", ".join(modules)}.',
-            WarmStartWarning, stacklevel=3)
-    return out
-
-
-def _create_covpool(variant: str, pretrained: bool = False, **kwargs) -> CovPoolNet:
-    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
-    kwargs.setdefault('backbone', 'resnet50')
-    if pretrained_cfg is None or isinstance(pretrained_cfg, str):
-        # no cfg of this family's own weights (none are published): a tag names the backbone's weights
-        kwargs['backbone'] = _backbone_with_tag(kwargs['backbone'], pretrained_cfg)
-        pretrained_cfg = backbone_pretrained_cfg(variant, kwargs['backbone'])
-    if kwargs.get('features_only') and 'out_indices' not in kwargs:
-        kwargs['out_indices'] = _backbone_out_indices(kwargs['backbone'], kwargs)
-    return build_model_saying_why(
-        CovPoolNet, variant, pretrained, pretrained_cfg=pretrained_cfg, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter'), **kwargs)
-
-
+# each with the data settings of its backbone's default weights, written out (a test keeps them the same): a model
+# built takes them from the backbone it loads
+_RESNET_DATA = dict(crop_pct=0.95, test_input_size=(3, 288, 288), test_crop_pct=1.0)
 default_cfgs = generate_default_cfgs({
-    'covpool': _cfg('resnet50'),
-    'covpool_resnet50': _cfg('resnet50'),
-    'covpool_convnext_tiny': _cfg('convnext_tiny'),
-    'covpool_efficientnet_b0': _cfg('efficientnet_b0'),
-    'covpool_mobilenetv3_large_100': _cfg('mobilenetv3_large_100'),
-    'covpool_regnety_016': _cfg('regnety_016'),
-    'covpool_deit_small_patch16_224': _cfg('deit_small_patch16_224'),
+    'covpool': _cfg(**_RESNET_DATA),
+    'covpool_resnet50': _cfg(**_RESNET_DATA),
+    'covpool_convnext_tiny': _cfg(**_RESNET_DATA),
+    'covpool_efficientnet_b0': _cfg(crop_pct=0.875),
+    'covpool_mobilenetv3_large_100': _cfg(crop_pct=0.875),
+    'covpool_regnety_016': _cfg(crop_pct=0.965),
+    'covpool_deit_small_patch16_224': _cfg(crop_pct=0.9, fixed_input_size=True, pool_size=(14, 14)),
 })
 
 

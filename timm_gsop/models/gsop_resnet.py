@@ -15,18 +15,15 @@ https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks
   Matrix Square Root Normalization", Li et al., CVPR 2018; https://github.com/jiangtaoxie/fast-MPN-COV), the
   covariance-pooling baseline: GSoP-Net2 without GSoP modules, 5 iterations.
 * ``cbamresnet*``: timm's ResNet with timm's CBAM in every bottleneck, the attention baseline of the paper's
-  comparison (timm registers SE-ResNet, ``seresnet50``, but no CBAM ResNet).
+  comparison, written as timm writes ``seresnet50``.
 
 The GSoP module sits in timm's bottleneck attention slot (``block.se``): it scales the ``bn3`` output before the
 residual add, where the released code applies it.
 
-``checkpoint_filter_fn`` loads checkpoints of the released GSoP-Net code and of fast-MPN-COV, and makes a plain
-network's checkpoint (timm's / torchvision's ResNets, iSQRT-COV) an exact warm start: the GSoP modules it has
-no tensors for start function-preserving, so the model first computes what that network computed.
+``checkpoint_filter_fn`` converts checkpoints of the released GSoP-Net code and of fast-MPN-COV, and starts a
+plain network's checkpoint (timm's / torchvision's ResNets, iSQRT-COV) as a warm start: the GSoP modules start
+function-preserving (``WarmStartWarning`` says what was initialised).
 """
-import os
-import re
-import urllib.error
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,31 +31,18 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import get_device_dtype
-from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model, \
-    resolve_pretrained_cfg
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models import build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 
-from ..layers.cov_pool import CovPool, create_cov_classifier
+from ..layers.cov_pool import CovPool, reset_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, ChannelGSoP, GSoPFusion, PositionGSoP, create_gsop
 from ..layers.second_order import triu_indices_flat
 
-__all__ = ['GSoPResNet', 'WarmStartWarning', 'FineTuneStartWarning', 'WeightsNotAvailableError', 'checkpoint_layout']
-
-GSOP_PLACEMENTS = ('last', 'all')  # the last block of each stage (GSoP-Net), or every block (SE-ResNet style)
+__all__ = ['GSoPResNet', 'WarmStartWarning', 'checkpoint_layout']
 
 
 class WarmStartWarning(UserWarning):
-    """Modules a checkpoint had no tensors for were initialised for a warm start (see ``checkpoint_filter_fn``)."""
-
-
-class FineTuneStartWarning(UserWarning):
-    """The weights loaded are published as a fine-tuning start only: their classifier does not classify the dataset
-    it was trained on (the first iSQRT-COV files: the ``*.mpncov_finetune_start`` tags' notes)."""
-
-
-class WeightsNotAvailableError(RuntimeError):
-    """The place a tag's weights are published at could not be reached."""
+    """A checkpoint of a network without some of the model's modules was loaded: those were initialised."""
 
 
 class GSoPResNet(ResNet):
@@ -76,10 +60,10 @@ class GSoPResNet(ResNet):
         gsop_placement: 'last' (the last block of each stage, the paper's) or 'all' (every block).
         gsop_stage1_stride: stride of the first stage's GSoP reduction (released: 2, covariance at 28x28).
         gsop_pool_size: side of the position branch's grid (released: 8).
-        global_pool: 'isqrt' (the iSQRT-COV head), a timm pool type ('avg' ...) or '' (none).
-        isqrt_dim, isqrt_iters: the iSQRT-COV head's reduction (256 -> 32,896 features) and iterations.
+        global_pool: 'isqrt' (the iSQRT-COV head), 'cov' (covariance, no square root), a timm pool type
+            ('avg' ...) or '' (none).
+        isqrt_dim, isqrt_iters: the covariance head's reduction (256 -> 32,896 features) and iterations.
         last_stride: stride of the last stage: 1 without dilation (released GSoP-Net / iSQRT-COV) or 2.
-        bn_momentum, bn_eps: every BatchNorm's momentum / eps (timm train.py's ``--bn-momentum`` ...).
         zero_init_last: zero-init each block's last BN (off by default, as released: on, every GSoP module
             starts on an all-zero input).
     """
@@ -99,17 +83,16 @@ class GSoPResNet(ResNet):
             isqrt_dim: int = 256,
             isqrt_iters: int = 3,
             last_stride: int = 1,
-            bn_momentum: Optional[float] = None,
-            bn_eps: Optional[float] = None,
             zero_init_last: bool = False,
             device=None,
             dtype=None,
             **kwargs: Any,
     ) -> None:
-        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
-        check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
-        check_choice('gsop_stage1_stride', gsop_stage1_stride, (1, 2))
-        check_choice('last_stride', last_stride, (1, 2))
+        for name, value, choices in (
+                ('gsop_manner', gsop_manner, GSOP_MANNERS), ('gsop_placement', gsop_placement, ('last', 'all')),
+                ('gsop_stage1_stride', gsop_stage1_stride, (1, 2)), ('last_stride', last_stride, (1, 2))):
+            if value not in choices:
+                raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
         if len(gsop_stages) != len(layers):
             raise ValueError(f'gsop_stages needs one flag per stage ({len(layers)}), got {tuple(gsop_stages)}')
         if any(gsop_stages) and (kwargs.get('block_args') or {}).get('attn_layer') is not None:
@@ -127,81 +110,32 @@ class GSoPResNet(ResNet):
             _remove_stage_stride(stages[-1])
             self.feature_info[-1]['reduction'] = self.feature_info[-2]['reduction']
         for stage_idx, (stage, enabled) in enumerate(zip(stages, gsop_stages)):
-            if not enabled:
-                continue
-            for blk in (stage if gsop_placement == 'all' else stage[-1:]):
+            for blk in (stage if gsop_placement == 'all' else stage[-1:]) if enabled else ():
+                out_chs = blk.bn3.num_features if isinstance(blk, Bottleneck) else blk.bn2.num_features
                 blk.se = create_gsop(
-                    _block_out_channels(blk), manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
+                    out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
                     stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
-                init_like_resnet(blk.se)
-
+                for m in blk.se.modules():  # as ResNet.init_weights initialises the rest
+                    if isinstance(m, nn.Conv2d):
+                        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
         self.reset_classifier(num_classes, global_pool)
-        set_bn_args(self, bn_momentum, bn_eps)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier; the pooling (and a trained iSQRT-COV head) is kept when ``global_pool`` is None or
+        """A new classifier; the pooling (and a trained covariance head) is kept when ``global_pool`` is None or
         the same."""
         reset_cov_classifier(self, num_classes, global_pool)
-
-
-def reset_cov_classifier(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
-    """``reset_classifier`` of a model with ``num_features``, ``global_pool``, ``fc``, ``isqrt_dim`` and
-    ``isqrt_iters``: a new ``fc``, and a new pooling unless it stays the same (maybe trained) covariance head."""
-    if global_pool is None:
-        global_pool = model.global_pool.pool_type
-    model.num_classes = num_classes
-    pool, model.fc, model.head_hidden_size = create_cov_classifier(
-        model.num_features, num_classes, global_pool, model.isqrt_dim, model.isqrt_iters, **get_device_dtype(model))
-    if not (isinstance(model.global_pool, CovPool) and global_pool == model.global_pool.pool_type):
-        model.global_pool = pool
-    model.global_pool.train(model.training)
-    model.fc.train(model.training)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """A ValueError naming the kwarg, the value and the valid choices."""
-    if value not in choices:
-        raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
-
-
-def _block_out_channels(block: nn.Module) -> int:
-    if isinstance(block, Bottleneck):
-        return block.bn3.num_features
-    if isinstance(block, BasicBlock):
-        return block.bn2.num_features
-    raise ValueError(f'GSoP modules need timm Bottleneck or BasicBlock blocks, got {type(block).__name__}')
 
 
 def _remove_stage_stride(stage: nn.Sequential) -> None:
     """Make a timm ResNet stage stride 1 without dilation (the released GSoP-Net / iSQRT-COV layer4)."""
     first = stage[0]
     (first.conv1 if isinstance(first, BasicBlock) else first.conv2).stride = (1, 1)
-    first.stride = 1
-    if not isinstance(first.aa, nn.Identity):
-        first.aa = nn.Identity()  # anti-aliased blocks downsample in `aa`
+    first.aa = nn.Identity()  # anti-aliased blocks downsample in `aa`
     for i, m in enumerate(first.downsample or ()):
-        if isinstance(m, nn.AvgPool2d) or type(m).__name__ == 'AvgPool2dSame':
+        if isinstance(m, nn.AvgPool2d):
             first.downsample[i] = nn.Identity()  # avg_down: the pool is the stride
         elif isinstance(m, nn.Conv2d):
             m.stride = (1, 1)
-
-
-def set_bn_args(model: nn.Module, momentum: Optional[float] = None, eps: Optional[float] = None) -> None:
-    """timm train.py's ``--bn-momentum`` / ``--bn-eps``: set them on every BatchNorm (None keeps each)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = m.momentum if momentum is None else momentum
-            m.eps = m.eps if eps is None else eps
-
-
-def init_like_resnet(module: nn.Module) -> None:
-    """timm ResNet's (and the released code's) init, for modules added after the network was built."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -228,6 +162,7 @@ _HEAD_KEYS = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'glo
 _FAST_MPNCOV_FEATURES = ('conv1', 'bn1', None, None, 'layer1', 'layer2', 'layer3', 'layer4', 'layer_reduce',
                          'layer_reduce_bn')
 _FAST_MPNCOV_REPRESENTATION = {'conv_dr_block.0': 'layer_reduce', 'conv_dr_block.1': 'layer_reduce_bn'}
+_GSOP_MODULES = (ChannelGSoP, PositionGSoP, GSoPFusion)
 
 
 def checkpoint_layout(state_dict: Mapping[str, Any]) -> str:
@@ -252,10 +187,7 @@ def _released_gsop_to_timm(state_dict: Mapping[str, torch.Tensor], model: nn.Mod
         parts = key.split('.')
         if len(parts) >= 4 and parts[0].startswith('layer') and parts[2] in _RELEASED_BLOCK_KEYS:
             branch, name = _RELEASED_BLOCK_KEYS[parts[2]]
-            try:
-                gsop = model.get_submodule('.'.join(parts[:2] + ['se']))
-            except AttributeError:
-                gsop = None
+            gsop = getattr(getattr(model, parts[0], [None] * (int(parts[1]) + 1))[int(parts[1])], 'se', None)
             # a fusion module holds both branches, a single-branch module is the branch itself
             fusion = gsop is None or isinstance(gsop, GSoPFusion)
             key = '.'.join(parts[:2] + ['se', f'{branch}.{name}' if branch and fusion else name] + parts[3:])
@@ -293,78 +225,63 @@ def _fast_mpncov_to_timm(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, to
     return out
 
 
-def _gsop_modules(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
-    """``(name, GSoP module, name of the module whose output it scales)`` for each GSoP module in a block."""
-    out = []
-    for name, block in model.named_modules():
-        gsop = getattr(block, 'se', None)
-        if isinstance(gsop, (ChannelGSoP, PositionGSoP, GSoPFusion)):
-            # timm's Bottleneck scales bn3, BasicBlock bn2; other blocks name it (the CIFAR block: conv3)
-            host = 'bn3' if isinstance(block, Bottleneck) else 'bn2' if isinstance(block, BasicBlock) else \
-                getattr(block, 'gsop_input', None)
-            prefix = f'{name}.' if name else ''
-            out.append((f'{prefix}se', gsop, f'{prefix}{host}' if host else ''))
-    return out
-
-
 def describe_source(model: nn.Module) -> str:
-    """Where the weights timm's loader gives ``model`` come from (its pretrained cfg's state dict, file, url or Hub
-    repo), for warnings."""
+    """Where the weights timm's loader gives ``model`` come from (its pretrained cfg), for warnings."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    if cfg.get('state_dict') is not None:
-        return 'the state dict given'
-    return cfg.get('file') or cfg.get('url') or (f"hf-hub:{cfg['hf_hub_id']}" if cfg.get('hf_hub_id') else
-                                                 'the state dict given')
+    if cfg.get('state_dict') is None and (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id')):
+        return cfg.get('file') or cfg.get('url') or f"hf-hub:{cfg['hf_hub_id']}"
+    return 'the state dict given'
 
 
-def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Complete a plain network's state dict for ``model``: the model's own initialisation for the GSoP modules,
-    the covariance head and the classifier it has no tensors for, each GSoP module's gate starting at exactly 0.5
-    and the module it scales doubled (``2y * 0.5 == y``), so the model computes what that network computed."""
+def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module, source_stride_1: bool) -> Dict[str, torch.Tensor]:
+    """A plain network's checkpoint (no tensors of any GSoP module) completed for ``model``: each GSoP module
+    from the model's own initialisation with its gate at exactly 0.5 and the module it scales doubled
+    (``2y * 0.5 == y``), a covariance head and classifier the checkpoint has nothing of from the initialisation.
+    A checkpoint with some GSoP tensors is returned as it is: ``load_state_dict`` names what it lacks.
+    ``source_stride_1``: whether the source network's last stage ran at stride 1 (iSQRT-COV's does)."""
     own = model.state_dict()
-    started = []
-    for name, gsop, host in _gsop_modules(model):
-        keys = [f'{name}.{k}' for k in gsop.state_dict()]
-        host_keys = [f'{host}.{k}' for k, _ in model.get_submodule(host).named_parameters()] if host else []
-        if any(k in state_dict for k in keys if not k.endswith('num_batches_tracked')) or \
-                not host_keys or not all(k in state_dict for k in host_keys):
-            continue
-        state_dict.update({k: own[k] for k in keys})
-        for k in keys:
-            if '.gate.conv_expand.' in f'.{k}':  # the gate's last layer: sigmoid(0) = 0.5
-                state_dict[k] = torch.zeros_like(own[k])
-        state_dict.update({k: state_dict[k] * 2 for k in host_keys})
-        started.append(name)
-    # a head or classifier the checkpoint has nothing of (a part of one missing is for load_state_dict to name)
+    gsop = []  # (GSoP module, the module whose output it scales: bn3, bn2 or the block's `gsop_input`)
+    for name, block in model.named_modules():
+        if isinstance(getattr(block, 'se', None), _GSOP_MODULES):
+            host = 'bn2' if isinstance(block, BasicBlock) else getattr(block, 'gsop_input', 'bn3')
+            gsop.append((f'{name}.se.', f'{name}.{host}.'))
+    if any(k.startswith(tuple(g for g, _ in gsop)) for k in state_dict):
+        return state_dict
+    for prefix, host in gsop:
+        for k, v in own.items():
+            if k.startswith(prefix):  # the gates' last layer at zero: sigmoid(0) = 0.5
+                state_dict[k] = torch.zeros_like(v) if '.gate.conv_expand.' in k else v
+            elif k.startswith(host) and k in state_dict and not k.endswith(('_mean', '_var', '_tracked')):
+                state_dict[k] = state_dict[k] * 2
     absent = tuple(p for p in ('global_pool.', 'fc.') if not any(k.startswith(p) for k in state_dict))
     new = {k: v for k, v in own.items() if absent and k.startswith(absent)}
-    if not started and not new:
-        return state_dict
     state_dict.update(new)
-    manner = getattr(model, 'gsop_manner', 'channel')
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
-    text = f'Warm start of {name} from {describe_source(model)}: '
-    if started:
-        text += f'{len(started)} GSoP module(s) had no tensors there and were initialised with each gate 0.5 and ' \
-                'the module it scales doubled: '
-        text += 'it computes what the source network computed. ' if manner == 'channel' else (
-            f"gsop_manner={manner!r} adds a ReLU the plain block lacks, so the source network's weights are kept, "
-            'not its function. ')
+    if not gsop and not new:
+        return state_dict
+
+    text = f"Warm start of {model.pretrained_cfg.get('architecture')} from {describe_source(model)}"
+    if gsop:
+        text += f': {len(gsop)} GSoP modules start with each gate at 0.5 and the module it scales doubled'
+        stride_1 = model.feature_info[-1]['reduction'] == model.feature_info[-2]['reduction']
+        if model.gsop_manner != 'channel':
+            text += f", but gsop_manner={model.gsop_manner!r} adds a ReLU the plain block lacks: the source " \
+                    "network's weights are kept, not its function"
+        elif stride_1 != source_stride_1:
+            source = 'an iSQRT-COV network (stride 1)' if source_stride_1 else 'a plain ResNet (timm, torchvision: 2)'
+            text += f", but the model's last stage runs at stride {1 if stride_1 else 2}, the source's, " \
+                    f"{source}, does not: its weights are kept, not its function " \
+                    f"(last_stride={1 if source_stride_1 else 2} keeps it)"
+        elif new or isinstance(model.global_pool, CovPool):
+            text += ", so its features are the source network's"
+            if not new:
+                text += f' (the logits too if its covariance head ran isqrt_iters={model.isqrt_iters})'
+        else:
+            text += ', so it computes what the source network computed'
     if new:
         modules = sorted({k.rsplit('.', 1)[0] for k in new})
-        text += f'Newly initialised (not in the checkpoint, or trained for another head): {", ".join(modules)}.'
-    warnings.warn(text.strip(), WarmStartWarning, stacklevel=3)
+        text += f"; newly initialised (not in the checkpoint, or trained for another head): {', '.join(modules)}"
+    warnings.warn(text + '.', WarmStartWarning, stacklevel=3)
     return state_dict
-
-
-def tensors_of_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """A checkpoint's state dict: a training checkpoint's ``state_dict`` / ``model`` entry (else the mapping itself),
-    its tensors only, without DataParallel's ``module.`` (timm's ``clean_state_dict``)."""
-    for key in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    return clean_state_dict({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -373,52 +290,27 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     Accepts timm's / torchvision's / this package's layout, the released GSoP-Net code's (``main.py``'s
     ``model_best.pth.tar`` or a bare state dict, with or without DataParallel's ``module.``) and fast-MPN-COV's
     (its published files and ``main.py`` checkpoints; the classifier's columns reordered to this package's
-    triangle order). A training checkpoint's ``state_dict`` / ``model`` entry is taken. A covariance head the model
-    does not have is left out, and with it a classifier trained on another head's features. A plain network's
-    checkpoint becomes a warm start (``_warm_start``, announced by a ``WarmStartWarning``). Transforms only:
-    ``load_state_dict`` checks what remains.
+    triangle order). A covariance head the model does not have is left out, and with it a classifier trained on
+    another head's features; so is a classifier the model does not have (``num_classes=0``). A plain network's
+    checkpoint is completed for the model as a warm start (``_warm_start``, announced by a ``WarmStartWarning``).
+    Strictness is the caller's: ``load_state_dict`` checks what remains.
     """
-    state_dict = tensors_of_checkpoint(state_dict)
+    state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
+    state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
     layout = checkpoint_layout(state_dict)
     if layout == 'released-gsop':
         state_dict = _released_gsop_to_timm(state_dict, model)
     elif layout == 'fast-mpn-cov':
         state_dict = _fast_mpncov_to_timm(state_dict)
     has_head = any(k.startswith('global_pool.') for k in state_dict)
-    if has_head != isinstance(getattr(model, 'global_pool', None), CovPool):
-        # the classifier was trained on another head's features (2048-d average vs 32,896-d covariance)
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('global_pool.', 'fc.'))}
-    return _warm_start(state_dict, model)
-
-
-def cfg_pool_size_from_model(model: nn.Module) -> nn.Module:
-    """Make ``pretrained_cfg['pool_size']`` the final map at the cfg's input size, which kwargs such as
-    ``last_stride`` (or a backbone's patch size) decide."""
-    cfg, info = model.pretrained_cfg, model.feature_info
-    if isinstance(info, list) and info and cfg.get('input_size'):
-        cfg['pool_size'] = tuple(-(-size // info[-1]['reduction']) for size in cfg['input_size'][1:])
-    return model
-
-
-def build_model_saying_why(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """``build_model_with_cfg``, and where timm's error would not say what failed (an unreachable url, a missing
-    file: timm raises a bare FileNotFoundError), an error that does."""
-    try:
-        model = build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    except urllib.error.URLError as e:  # the authors' own servers: say where else their weights are
-        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-        notes = ' '.join(cfg.notes or ())
-        raise WeightsNotAvailableError(f'Could not download the weights of {variant} from {cfg.url}: {e}. {notes}') from e
-    except FileNotFoundError as e:
-        if str(e):
-            raise
-        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-        raise FileNotFoundError(f'{variant}: no such file {cfg.file}') from e
-    return cfg_pool_size_from_model(model)
+    drop = ('global_pool.', 'fc.') if has_head != isinstance(getattr(model, 'global_pool', None), CovPool) else ()
+    drop += () if isinstance(getattr(model, 'fc', None), nn.Linear) else ('fc.',)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(drop)} if drop else state_dict
+    return _warm_start(state_dict, model, source_stride_1=has_head)
 
 
 def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
-    return build_model_saying_why(GSoPResNet, variant, pretrained, pretrained_filter_fn=_pretrained_filter_fn, **kwargs)
+    return build_model_with_cfg(GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -433,94 +325,31 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-def _isqrt_cfg(**kwargs) -> Dict[str, Any]:
-    return _cfg(
+def _isqrt_cfgs(model: str, file: str, drive_id: str) -> Dict[str, Dict[str, Any]]:
+    """An iSQRT-COV model's two tags: the authors' first upload, a fine-tuning start whose classifier timm's
+    convention leaves out (``num_classes=0``), and ``in1k`` (the default: the ImageNet weights a user brings)."""
+    paper = dict(
         paper_ids='arXiv:1712.01034', origin_url='https://github.com/jiangtaoxie/fast-MPN-COV',
         paper_name='Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root '
-                   'Normalization',
-        **kwargs)
-
-
-# The authors' first iSQRT-COV uploads, the files fast-MPN-COV's code names (`jtxie.com/models/...`; the suffix is
-# the file's sha256 prefix, as in torch.hub names). They were trained with a private triangle vectorisation whose
-# order differs from the released `Triuvec`: with the released code the ResNet-50 file scores 0.166% top-1 on
-# ImageNet-1k (the authors, fast-MPN-COV issue #20). Backbone and covariance head are a fine-tuning start, the
-# classifier classifies at chance: their tag says so (not `in1k`, which would list them in
-# `timm.list_models(pretrained=True)` as ImageNet classifiers), and loading one with its classifier warns.
-FINETUNE_START_TAG = 'mpncov_finetune_start'
-_FINETUNE_START_FILES = {'15991845': 'mpncovresnet50-15991845.pth', 'ade9737a': 'mpncovresnet101-ade9737a.pth'}
-# the re-trained files (README commit "update model", 2020-01-08): Google Drive only, which timm cannot download
-_RETRAINED_DRIVE_IDS = {'isqrt_resnet50': '19TWen7p9UDyM0Ueu9Gb22NtouR109C6j',
-                        'isqrt_resnet101': '1riur7v3rZ7vnrdj2UZ7EBaTKEGSccYwg'}
-
-_FINETUNE_START_NOTE = (
-    'A fine-tuning start only, not an ImageNet classifier: {file} (sha256 prefix {sha}) is the authors\' first '
-    'upload, trained with a private triangle vectorisation whose order differs from the released code\'s; with '
-    'their released code it scores 0.166% top-1 on ImageNet-1k '
-    '(https://github.com/jiangtaoxie/fast-MPN-COV/issues/20). '
-    'Its backbone and covariance head start a fine-tuning (a new classifier: num_classes=N); loaded with its '
-    'classifier it warns (FineTuneStartWarning). The jtxie.com url is reported unreachable (fast-MPN-COV issue #19).')
-_RETRAINED_NOTE = (
-    'The authors re-trained {model} and link it from https://github.com/jiangtaoxie/fast-MPN-COV since 2020-01-08: '
-    'Google Drive id {drive} (https://drive.google.com/file/d/{drive}), which timm does not download. Download '
-    'it by hand and load it with pretrained_cfg_overlay=dict(file=PATH), or convert it to a Hub folder with '
-    '`timm-gsop export PATH --model {model} --out DIR` (exported as {model}.in1k).')
-
-
-def _isqrt_cfgs(model: str, sha: str) -> Dict[str, Dict[str, Any]]:
-    """An iSQRT-COV model's two tags: the authors' first file (a fine-tuning start) and ``in1k``, for weights a
-    user brings (the re-trained files)."""
-    file = _FINETUNE_START_FILES[sha]
-    retrained = _RETRAINED_NOTE.format(model=model, drive=_RETRAINED_DRIVE_IDS[model])
+                   'Normalization')
+    retrained = (
+        f'The authors re-trained {model} (fast-MPN-COV README, 2020-01-08): Google Drive id {drive_id}, which timm '
+        'does not download. Load the file with pretrained_cfg_overlay=dict(file=PATH), or convert it with '
+        f'`timm-gsop export PATH --model {model} --out DIR`.')
     return {
-        f'{model}.{FINETUNE_START_TAG}': _isqrt_cfg(
-            url=f'http://jtxie.com/models/{file}', notes=(_FINETUNE_START_NOTE.format(file=file, sha=sha), retrained)),
-        f'{model}.in1k': _isqrt_cfg(notes=(retrained,)),
+        # trained with a private triangle order: its classifier scores 0.166% top-1 with the authors' own code
+        # (fast-MPN-COV issue #20); backbone and covariance head are the fine-tuning start
+        f'{model}.mpncov_finetune_start': _cfg(
+            url=f'http://jtxie.com/models/{file}', num_classes=0, **paper,
+            notes=(f'{file}: the authors\' first upload, a fine-tuning start (backbone and covariance head; its '
+                   'classifier is not valid: https://github.com/jiangtaoxie/fast-MPN-COV/issues/20). The jtxie.com '
+                   'url is reported unreachable (fast-MPN-COV issue #19).', retrained)),
+        f'{model}.in1k*': _cfg(**paper, notes=(retrained,)),  # the default, though it has no file of its own
     }
 
 
 _CBAM_PAPER = dict(paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
                    origin_url='https://github.com/huggingface/pytorch-image-models')
-
-
-def finetune_start_file(name: Optional[str]) -> Optional[str]:
-    """The published fine-tuning-start file that a path or url names (by the sha256 prefix of its torch.hub name,
-    ``mpncovresnet50-15991845.pth``), else None."""
-    base = os.path.basename(str(name or '').split('?')[0])
-    return next((file for sha, file in _FINETUNE_START_FILES.items() if re.search(rf'-{sha}(?![0-9a-f])', base)), None)
-
-
-def _warn_if_finetune_start(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """FineTuneStartWarning when timm's load_pretrained gives ``model`` a fine-tuning-start file with that file's
-    classifier (timm drops a classifier of another num_classes): the file its cfg names (file, else url), or an
-    exported folder of one (its tag)."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    file = None
-    if cfg.get('source') in ('local-dir', 'hf-hub'):
-        if cfg.get('tag') == FINETUNE_START_TAG:
-            file = f"an export of the {cfg.get('architecture', 'iSQRT-COV')} fine-tuning start"
-    elif cfg.get('state_dict') is None:
-        file = finetune_start_file(cfg.get('file') or cfg.get('url'))  # timm loads the file when both are set
-    fc = state_dict.get('fc.weight')
-    if file is None or fc is None or fc.shape[0] != getattr(model, 'num_classes', None):
-        return
-    arch = str(cfg.get('architecture') or 'isqrt_resnet50')
-    drive = _RETRAINED_DRIVE_IDS.get(arch, _RETRAINED_DRIVE_IDS['isqrt_resnet50'])
-    warnings.warn(
-        f'{describe_source(model)} is {file}: a fine-tuning start only. Its classifier was trained with a triangle '
-        'order the released code does not use and classifies ImageNet at chance (0.166% top-1 with the authors\' '
-        'code, fast-MPN-COV issue #20); its backbone and covariance head are fine to fine-tune from (num_classes=N '
-        f'gives a new classifier). The re-trained weights: Google Drive id {drive}, then '
-        f'`timm-gsop export FILE --model {arch} --out DIR`.', FineTuneStartWarning, stacklevel=3)
-
-
-def _pretrained_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``checkpoint_filter_fn`` as timm's load_pretrained calls it (the file loaded is the one the cfg names):
-    also says when that file is a fine-tuning start (``_warn_if_finetune_start``)."""
-    state_dict = checkpoint_filter_fn(state_dict, model)
-    _warn_if_finetune_start(state_dict, model)
-    return state_dict
-
 
 default_cfgs = generate_default_cfgs({
     'gsop_resnet50.in1k': _cfg(),
@@ -533,20 +362,17 @@ default_cfgs = generate_default_cfgs({
     'gsopresnet101.in1k': _cfg(pool_size=(7, 7)),
     'gsopresnet50d.in1k': _cfg(pool_size=(7, 7), first_conv='conv1.0'),
     'gsopresnext50_32x4d.in1k': _cfg(pool_size=(7, 7)),
-    # the authors' first files (fine-tuning start only); the re-trained ones, or any ImageNet-1k iSQRT-COV weights,
-    # exported by `timm-gsop export` (no published file of their own: not in list_models(pretrained=True))
-    **_isqrt_cfgs('isqrt_resnet50', '15991845'),
-    **_isqrt_cfgs('isqrt_resnet101', 'ade9737a'),
+    **_isqrt_cfgs('isqrt_resnet50', 'mpncovresnet50-15991845.pth', '19TWen7p9UDyM0Ueu9Gb22NtouR109C6j'),
+    **_isqrt_cfgs('isqrt_resnet101', 'mpncovresnet101-ade9737a.pth', '1riur7v3rZ7vnrdj2UZ7EBaTKEGSccYwg'),
     'cbamresnet50.in1k': _cfg(pool_size=(7, 7), **_CBAM_PAPER),
     'cbamresnet101.in1k': _cfg(pool_size=(7, 7), **_CBAM_PAPER),
 })
 
-# GSoP-Net1 / GSoP-Net2 as released; GSoP in every block of timm's ResNet; iSQRT-COV; timm's CBAM ResNet
+# GSoP-Net1 / GSoP-Net2 as released; GSoP in every block of timm's ResNet; iSQRT-COV
 _NET1 = dict(gsop_stages=(1, 1, 1, 1), global_pool='avg')
 _NET2 = dict(gsop_stages=(1, 1, 1, 0), global_pool='isqrt', isqrt_iters=3)
 _ATTN = dict(gsop_placement='all', last_stride=2)
 _ISQRT = dict(gsop_stages=(0, 0, 0, 0), global_pool='isqrt', isqrt_iters=5)
-_CBAM = dict(gsop_stages=(0, 0, 0, 0), last_stride=2, zero_init_last=True, block_args=dict(attn_layer='cbam'))
 
 
 @register_model
@@ -634,14 +460,14 @@ def isqrt_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
 
 
 @register_model
-def cbamresnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
+def cbamresnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with timm's CbamModule in every bottleneck (timm's defaults, as its seresnet50)."""
-    model_args = dict(_CBAM, layers=(3, 4, 6, 3))
-    return _create_gsop_resnet('cbamresnet50', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer='cbam'))
+    return _create_resnet('cbamresnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def cbamresnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
+def cbamresnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-101 with timm's CbamModule in every bottleneck."""
-    model_args = dict(_CBAM, layers=(3, 4, 23, 3))
-    return _create_gsop_resnet('cbamresnet101', pretrained, **dict(model_args, **kwargs))
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), block_args=dict(attn_layer='cbam'))
+    return _create_resnet('cbamresnet101', pretrained, **dict(model_args, **kwargs))

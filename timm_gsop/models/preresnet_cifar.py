@@ -35,9 +35,11 @@ from timm.layers import DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from timm.models import build_model_with_cfg
+
+from ..layers.cov_pool import reset_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from .gsop_resnet import GSOP_PLACEMENTS, build_model_saying_why, check_choice, checkpoint_filter_fn, \
-    init_like_resnet, reset_cov_classifier, set_bn_args
+from .gsop_resnet import checkpoint_filter_fn
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -107,7 +109,6 @@ class PreResNetCifar(nn.Module):
         gsop_manner, gsop_dim, gsop_stage1_stride, gsop_pool_size: the GSoP blocks (see the module doc).
         isqrt_dim, isqrt_iters: the iSQRT-COV head (used with ``global_pool='isqrt'``).
         last_stride: stride of the last stage (2: standard 8x8 final map at 32x32).
-        bn_momentum, bn_eps: override every BatchNorm's momentum / eps.
     """
 
     def __init__(
@@ -129,17 +130,16 @@ class PreResNetCifar(nn.Module):
             isqrt_dim: int = 128,
             isqrt_iters: int = 3,
             last_stride: int = 2,
-            bn_momentum: Optional[float] = None,
-            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        check_choice('gsop_manner', gsop_manner, GSOP_MANNERS)
-        check_choice('gsop_placement', gsop_placement, GSOP_PLACEMENTS)
-        check_choice('gsop_stage1_stride', gsop_stage1_stride, (1, 2))
-        check_choice('last_stride', last_stride, (1, 2))
+        for name, value, choices in (
+                ('gsop_manner', gsop_manner, GSOP_MANNERS), ('gsop_placement', gsop_placement, ('last', 'all')),
+                ('gsop_stage1_stride', gsop_stage1_stride, (1, 2)), ('last_stride', last_stride, (1, 2))):
+            if value not in choices:
+                raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
         if not (len(layers) == len(channels) == len(gsop_stages) == 3):
             raise ValueError(
                 f'layers, channels and gsop_stages need one entry per stage (3 stages), got {tuple(layers)}, '
@@ -178,18 +178,15 @@ class PreResNetCifar(nn.Module):
         self.global_pool = nn.Identity()
         self.fc = nn.Identity()
 
-        init_like_resnet(self)
+        _init_weights(self)
         for stage_idx, (name, enabled) in enumerate(zip(self.stage_names, gsop_stages)):
-            if not enabled:
-                continue
             stage = getattr(self, name)
-            for blk in (stage if gsop_placement == 'all' else stage[-1:]):
+            for blk in (stage if gsop_placement == 'all' else stage[-1:]) if enabled else ():
                 blk.se = create_gsop(
                     blk.out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
                     stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
-                init_like_resnet(blk.se)
+                _init_weights(blk.se)
         self.reset_classifier(num_classes, global_pool)
-        set_bn_args(self, bn_momentum, bn_eps)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -288,8 +285,14 @@ class PreResNetCifar(nn.Module):
 
 
 
+def _init_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+
 def _create_preresnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> PreResNetCifar:
-    return build_model_saying_why(
+    return build_model_with_cfg(
         PreResNetCifar, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 

@@ -1,57 +1,112 @@
-"""``export_checkpoint`` (``timm-gsop export``): a checkpoint in the layout timm reads from the Hugging Face Hub.
+"""``timm-gsop export`` and ``push``: a checkpoint as the folder timm loads from the Hugging Face Hub, and its upload.
 
-The folder gets ``model.safetensors`` (no pickle), ``config.json`` (timm's own ``save_for_hf``: architecture,
-num_classes, model_args, pretrained_cfg) and ``README.md`` (the model card, ``cards.render_card``). Everything is
-written and verified (reloaded through timm's ``local-dir:`` source, outputs compared) in a staging folder beside
-the target, then renamed into place: a failed or interrupted export never leaves a partial file where a good one
-was. No network is needed.
-
-``config.json`` is read by two loaders: timm (``local-dir:`` / ``hf-hub:``), which takes num_classes from its top
-level, and transformers' ``TimmWrapper`` (``AutoModelForImageClassification``, ``pipeline``), which passes
-``num_classes`` (the top-level one, as ``num_labels``) and ``pretrained=False`` to ``timm.create_model`` itself, with
-``**model_args``. timm's ``save_for_hf`` also records num_classes in ``model_args``, which TimmWrapper then passes
-twice (a TypeError): ``model_args`` here holds only what neither loader sets itself (``HF_OWN_ARGS``).
+``export_checkpoint`` reads the weights with timm's ``load_state_dict`` (safetensors, or a pickle with
+``weights_only``; the EMA or ``state_dict`` entry; ``clean_state_dict``) and train.py's ``args`` with
+``torch.load(weights_only=True)``; converts them with the model family's ``checkpoint_filter_fn`` (released
+layouts) and loads them strictly; writes ``model.safetensors`` and ``config.json`` with timm's ``save_for_hf`` and
+``README.md`` with ``cards.render_card`` into a staging folder beside the target; reloads that folder through
+timm's ``local-dir:`` source and compares outputs; only then renames the files into place, so a failed or
+interrupted export never leaves a partial file where a good one was. ``push_folder`` uploads such a folder with
+``HfApi.upload_folder``.
 """
+import argparse
+import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn as nn
 import timm
-from timm.models import clean_state_dict
+from timm.models import load_state_dict, model_entrypoint, save_for_hf, split_model_name_tag
 
-from .cards import HUB_NAMESPACE, WeightsInfo, render_card
-from .checkpoints import Checkpoint, convert_state_dict, data_config_from_train_args, infer_from_weights, \
-    kwargs_from_train_args, load_into, read_checkpoint, resolve_model_name
-from .models.gsop_resnet import FINETUNE_START_TAG, FineTuneStartWarning, checkpoint_layout, finetune_start_file
+from .cards import HUB_NAMESPACE, render_card
+from .models.gsop_resnet import WarmStartWarning, checkpoint_layout
+from .zoo import list_gsop_models
 
-__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'HF_OWN_ARGS', 'ExportResult', 'export_checkpoint',
-           'hf_config_for_loaders']
+__all__ = ['FILES', 'export_checkpoint', 'push_folder']
 
-WEIGHTS_FILE = 'model.safetensors'
-CONFIG_FILE = 'config.json'
-CARD_FILE = 'README.md'
-
-# create_model kwargs that transformers' TimmWrapper passes itself (num_classes: the config's top-level num_classes)
-HF_OWN_ARGS = ('num_classes', 'pretrained')
+FILES = ('model.safetensors', 'config.json', 'README.md')
+# config.json's model_args that transformers' TimmWrapper passes itself (num_classes: the top-level one)
+_WRAPPER_ARGS = ('num_classes', 'pretrained')
+_DATA_ARGS = ('input_size', 'img_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+# never uploaded: pickles (an export is a repo without them) and hidden files
+IGNORE_PATTERNS = ['*.pth', '*.pt', '*.bin', '*.tar', '*.pkl', '*.ckpt', '.*', '**/.*']
 
 
-@dataclass
-class ExportResult:
-    out_dir: Path
-    model_name: str
-    model_args: Dict[str, Any]
-    files: Dict[str, int]
-    checkpoint: Checkpoint
-    used_ema: bool
-    layout: str
-    repo_id: str
+def _convert(arch: str, state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``state_dict`` in ``model``'s names by the ``checkpoint_filter_fn`` of the family that registers ``arch``.
+    Exported weights are trained weights: a warm start (a plain network's checkpoint) raises its warning."""
+    family = importlib.import_module(model_entrypoint(arch).__module__)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', WarmStartWarning)
+        return family.checkpoint_filter_fn(dict(state_dict), model)
+
+
+def _checkpoint_extras(path: Path) -> Dict[str, Any]:
+    """What a pickled checkpoint says besides its weights: train.py's ``args``, ``epoch``, ``metric``, whether it
+    has EMA weights; the released code's ``arch`` and ``best_prec1``. Memory-mapped where the format allows."""
+    if path.suffix == '.safetensors':
+        return {}
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    args = ckpt.get('args')
+    return dict(args=vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}),
+                ema=any(isinstance(ckpt.get(k), dict) for k in ('state_dict_ema', 'model_ema')),
+                **{k: ckpt[k] for k in ('epoch', 'metric', 'best_prec1', 'arch') if k in ckpt})
+
+
+def _model_name(model: Optional[str], path: Path, extras: Dict[str, Any]) -> str:
+    trained = extras['args'].get('model') or ''
+    if not (model or trained) and str(extras.get('arch', '')).startswith('mpncovresnet'):
+        model = f"isqrt_resnet{extras['arch'][len('mpncovresnet'):]}"  # fast-MPN-COV main.py's arch
+    if model and trained and split_model_name_tag(model)[0] != split_model_name_tag(trained)[0]:
+        raise ValueError(f'{path} was trained as {trained!r} (its args.model), not {model!r}')
+    name = model or trained
+    if not name or name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        raise ValueError(f'{path} does not name its architecture ({name or "no args.model"}): pass --model NAME')
+    if split_model_name_tag(name)[0] not in list_gsop_models():
+        raise ValueError(f'{name!r} is not a timm-gsop model (`timm-gsop list` names them); timm\'s '
+                         'push_to_hf_hub publishes other timm models')
+    return name
+
+
+def _key_diff(state_dict: Dict[str, torch.Tensor], arch: str, model: torch.nn.Module) -> Tuple[List[str], List[str]]:
+    """(missing, unexpected) tensor names of ``state_dict`` for ``model`` (BN step counters aside: the released
+    code predates them)."""
+    try:
+        have = set(_convert(arch, state_dict, model))
+    except (KeyError, RuntimeError, ValueError, WarmStartWarning):  # not a checkpoint that family converts
+        have = set(state_dict)
+    want = set(model.state_dict())
+    keep = lambda keys: sorted(k for k in keys if not k.endswith('num_batches_tracked'))
+    return keep(want - have), keep(have - want)
+
+
+def _measured(path: Path, extras: Dict[str, Any], used_ema: bool, results: Optional[Path]) -> List[str]:
+    """The card's measured results: a validate.py ``--results-file`` (JSON or CSV) and the checkpoint's metric."""
+    lines = []
+    if results is not None:
+        import csv
+        text = results.read_text()
+        rows = list(csv.DictReader(text.splitlines())) if results.suffix == '.csv' else json.loads(text)
+        for row in rows if isinstance(rows, list) else [rows]:
+            setup = ', '.join(f'{k} {row[k]}' for k in ('img_size', 'crop_pct', 'interpolation') if row.get(k))
+            lines.append(f"top-1 {float(row['top1']):.3f}, top-5 {float(row['top5']):.3f}: timm validate.py "
+                         f"(`{results.name}`{', ' + setup if setup else ''})")
+    if extras.get('metric') is not None and (used_ema or not extras['ema']):
+        lines.append(f"{extras['args'].get('eval_metric') or 'top1'} {float(extras['metric']):.2f}: the evaluation "
+                     f"train.py stored in `{path.name}` after epoch {extras.get('epoch')} (its validation set)")
+    if extras.get('best_prec1') is not None:
+        lines.append(f"top-1 {float(extras['best_prec1']):.2f}: `best_prec1`, stored in `{path.name}` by the "
+                     'released training code (its validation set)')
+    return lines
 
 
 def export_checkpoint(
@@ -63,175 +118,137 @@ def export_checkpoint(
         repo_id: Optional[str] = None,
         results: Optional[Union[str, Path]] = None,
         dataset: Optional[str] = None,
-        verify: bool = True,
-) -> ExportResult:
+) -> Dict[str, Any]:
     """Write ``model.safetensors``, ``config.json`` and ``README.md`` for ``checkpoint`` into ``out_dir``.
 
     Args:
-        checkpoint: train.py checkpoint, released-code checkpoint, state dict (.pth) or .safetensors file.
-        out_dir: folder to write (created; these three files are replaced).
-        model: registered model name (``gsop_resnet50`` or ``gsop_resnet50.in1k``); default: train.py's args.model.
-            Without a tag: the architecture's first tag without a published file (``_tag_for_weights``).
+        checkpoint: a timm train.py checkpoint, a released GSoP-Net or fast-MPN-COV checkpoint, a state dict or a
+            ``.safetensors`` file.
+        out_dir: the folder to write (created; these three files are replaced, nothing else is touched).
+        model: a registered model name, with or without tag (default: train.py's ``args.model``).
         use_ema: None: the EMA weights when the checkpoint has them; True: require them; False: the raw weights.
-        model_kwargs: create_model kwargs over those in train.py's args (num_classes, model_kwargs, ...).
-        repo_id: the Hub repo the card's usage examples point at (default ``HUB_NAMESPACE/<model>.<tag>``).
-        results: a JSON or CSV of timm validate.py results for these weights, shown in the card as measured.
-        dataset: the training dataset for the card (default: the tag's when num_classes matches it).
-        verify: reload the written folder with ``timm.create_model('local-dir:...')`` and compare outputs.
-    """
-    ckpt = read_checkpoint(checkpoint)
-    name = _tag_for_weights(resolve_model_name(model, ckpt), model, ckpt)
-    if use_ema and ckpt.ema_state_dict is None:
-        raise ValueError(f'{ckpt.path} has no EMA weights (state_dict_ema / model_ema); drop --ema.')
-    used_ema = ckpt.ema_state_dict is not None and use_ema is not False
-    sd = clean_state_dict(ckpt.ema_state_dict if used_ema else ckpt.state_dict)
-    layout = checkpoint_layout(sd)
-    if layout == 'fast-mpn-cov':
-        # an iSQRT-COV network: exported under its own name (isqrt_resnet*), whose config and card describe it
-        if not timm.models.split_model_name_tag(name)[0].startswith('isqrt_'):
-            raise ValueError(
-                f'{ckpt.path} is a fast-MPN-COV (iSQRT-COV) checkpoint: export it as isqrt_resnet50 / '
-                f'isqrt_resnet101 (--model), whose loader reorders its covariance vector, not as {name}.')
-        if ckpt.arch and not ckpt.arch.startswith('mpncov') and 'last_stride' not in (model_kwargs or {}):
-            raise ValueError(
-                f'{ckpt.path} is a fast-MPN-COV {ckpt.arch!r} checkpoint: torchvision ResNets end at stride 2, unlike '
-                'mpncovresnet (stride 1); export it with --model-kwargs last_stride=2 if that is what you trained.')
+        model_kwargs: create_model kwargs over those of train.py's args (``num_classes``, ``model_kwargs`` ...).
+        repo_id: the Hub repo the card's usage examples load (default ``timm-gsop/<model>.<tag>``).
+        results: a timm validate.py results file (JSON or CSV) for the card's measured results.
+        dataset: the training dataset for the card (default: the tag's, when num_classes matches it).
 
-    kwargs = kwargs_from_train_args(ckpt.args)
+    Returns ``dict(model, model_args, used_ema, files)``.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f'No checkpoint file at {path}')
+    extras = dict(dict(args={}, ema=False), **_checkpoint_extras(path))
+    if use_ema and not extras['ema']:
+        raise ValueError(f'{path} has no EMA weights (state_dict_ema / model_ema)')
+    name = _model_name(model, path, extras)
+    args = extras['args']
+    kwargs = {k: v for k, v in (('num_classes', args.get('num_classes')), ('in_chans', args.get('in_chans')),
+                                ('global_pool', args.get('gp'))) if v is not None}
+    kwargs.update({k: v for k, v in (args.get('model_kwargs') or {}).items() if k != 'pretrained_strict'})
     kwargs.update(model_kwargs or {})
-    # the family's filter names the tensors as ours (released layouts), then classifier / stem sizes tell
-    # num_classes / in_chans where neither the args nor the caller set them (on the meta device: shapes only)
-    with warnings.catch_warnings():  # _tag_for_weights said what a fine-tuning-start file is
-        warnings.simplefilter('ignore', FineTuneStartWarning)
-        canonical = convert_state_dict(name, sd, timm.create_model(name, device='meta', **kwargs))
-        kwargs = infer_from_weights(name, kwargs, canonical)
-        net = timm.create_model(name, **kwargs)
-        load_into(net, name, sd)
-    net.eval()
+    state_dict = load_state_dict(str(path), use_ema=use_ema is not False)
+    arch = split_model_name_tag(name)[0]
+    # num_classes / in_chans from the classifier / stem weights where neither the args nor the caller set them
+    try:
+        named = _convert(arch, state_dict, timm.create_model(name, device='meta', **kwargs))
+    except WarmStartWarning:  # a plain network's checkpoint: the key check below refuses it
+        named = state_dict
+    if 'num_classes' not in kwargs and named.get('fc.weight') is not None:
+        kwargs['num_classes'] = named['fc.weight'].shape[0]
+    first_conv = timm.models.get_pretrained_cfg(name).first_conv
+    stem = named.get(f'{first_conv}.weight') if isinstance(first_conv, str) else None
+    if 'in_chans' not in kwargs and stem is not None and stem.ndim == 4 and stem.shape[1] != 3:
+        kwargs['in_chans'] = stem.shape[1]
+    net = timm.create_model(name, **kwargs).eval()
+    missing, unexpected = _key_diff(state_dict, arch, net)
+    if missing or unexpected:
+        fits = []
+        for arch in list_gsop_models():
+            try:
+                fits += [arch] if _key_diff(state_dict, arch, timm.create_model(arch, device='meta', **kwargs)) == \
+                    ([], []) else []
+            except (TypeError, ValueError):  # kwargs of another family
+                pass
+        raise ValueError(
+            f"{path} does not hold the tensors of {name}{f' built with {kwargs}' if kwargs else ''}: "
+            f"{len(missing)} missing ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:2])}{', ...' if len(unexpected) > 2 else ''}); "
+            + (f"its tensors fit {', '.join(fits)}" if fits else 'its tensors fit no timm-gsop model (a plain '
+               "network's checkpoint is a warm start: train from it with train.py --pretrained-path, then export)"))
+    net.load_state_dict(_convert(arch, state_dict, net))  # shapes: torch's own error
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # write and verify everything in a staging folder beside out_dir, then rename the files into place:
-    # an interrupted or failed export never leaves a partial file where a good one was
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.partial-', dir=out_dir.parent))
     try:
-        from timm.models import save_for_hf
-        save_for_hf(net, str(staging), safe_serialization=True,
-                    data_config=data_config_from_train_args(ckpt.args) or None)
-        shutil.copymode(staging / CONFIG_FILE, staging / WEIGHTS_FILE)  # safetensors writes 0600: follow umask
-        config = hf_config_for_loaders(staging / CONFIG_FILE)
-        # the kwargs the model was built with: config.json's model_args and its top-level num_classes
-        model_args = {'num_classes': config['num_classes'], **config.get('model_args', {})}
-        repo_id = repo_id or f'{HUB_NAMESPACE}/{name}'
-        measured = _measured_results(ckpt, used_ema, results)
-        weights = WeightsInfo(source=ckpt.path.name, description=ckpt.description, epoch=ckpt.epoch, ema=used_ema,
-                              layout=layout, train_args=ckpt.args, measured=measured,
-                              data_config=config.get('pretrained_cfg', {}))
-        card = render_card(name, model_kwargs=model_args, repo_id=repo_id, weights=weights, dataset=dataset)
-        (staging / CARD_FILE).write_text(card, encoding='utf-8')
-        if verify:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', FineTuneStartWarning)
-                _verify_export(net, staging)
+        data_config = {k: args[k] for k in _DATA_ARGS if args.get(k) not in (None, '')}
+        save_for_hf(net, str(staging), safe_serialization=True, data_config=data_config or None)
+        shutil.copymode(staging / 'config.json', staging / 'model.safetensors')  # safetensors writes 0600
+        config = json.loads((staging / 'config.json').read_text())
+        model_args = {k: v for k, v in config.get('model_args', {}).items() if k not in _WRAPPER_ARGS}
+        config['model_args'] = model_args  # as timm reads it and transformers' TimmWrapper passes it
+        (staging / 'config.json').write_text(json.dumps(config, indent=2))
+        used_ema = extras['ema'] and use_ema is not False
+        weights = dict(
+            source=path.name, epoch=extras.get('epoch'), ema=used_ema, layout=checkpoint_layout(state_dict),
+            description="a checkpoint of timm's train.py" if args else 'a checkpoint',
+            train_args=args, measured=_measured(path, extras, used_ema, Path(results) if results else None))
+        card = render_card(name, model_kwargs={'num_classes': net.num_classes, **model_args}, weights=weights,
+                           repo_id=repo_id or f"{HUB_NAMESPACE}/{config['architecture']}.{net.pretrained_cfg['tag']}",
+                           dataset=dataset)
+        (staging / 'README.md').write_text(card, encoding='utf-8')
+        reloaded = timm.create_model(f'local-dir:{staging}', pretrained=True).eval()
+        x = torch.randn(1, *timm.models.get_model_input_config(net)['input_size'])
+        with torch.no_grad():
+            if not torch.equal(net(x), reloaded(x)):
+                raise RuntimeError(f'{staging} does not reproduce the model: nothing was written to {out_dir}')
         out_dir.mkdir(exist_ok=True)
-        for file in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
+        for file in FILES:
             os.replace(staging / file, out_dir / file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    files = {p: (out_dir / p).stat().st_size for p in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)}
-    return ExportResult(out_dir, name, model_args, files, ckpt, used_ema, layout, repo_id)
+    return dict(model=f"{config['architecture']}.{net.pretrained_cfg['tag']}", model_args=model_args,
+                used_ema=used_ema, files={f: (out_dir / f).stat().st_size for f in FILES})
 
 
-def _has_published_file(name: str) -> bool:
-    return bool(timm.models.get_pretrained_cfg(name).has_weights)  # timm's: a url, file or hf_hub_id
+def push_folder(
+        folder: Union[str, Path],
+        repo_id: str,
+        private: bool = False,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        dry_run: bool = False,
+        commit_message: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Upload a folder written by :func:`export_checkpoint` to the Hub repo ``repo_id`` (token: ``HF_TOKEN`` or
+    ``hf auth login``). It must load through timm first. Safe to retry: the repo and branch are created only if
+    missing, and huggingface_hub uploads nothing the repo has already (an unchanged folder makes no commit).
 
-
-def _tag_for_weights(name: str, model: Optional[str], ckpt: Checkpoint) -> str:
-    """The tag to export ``ckpt`` under. A tag whose cfg points at a published file describes that file: a
-    fine-tuning-start file (``finetune_start_file``, by its name) is exported under FINETUNE_START_TAG, with a
-    FineTuneStartWarning; other weights under a tag the caller named, else the architecture's first tag without a
-    published file (``isqrt_resnet50.in1k``, not the default ``isqrt_resnet50.mpncov_finetune_start``)."""
-    arch = timm.models.split_model_name_tag(name)[0]
-    tags = [t.split('.', 1)[1] for t in timm.list_models(arch, include_tags=True) if '.' in t]
-    started = finetune_start_file(ckpt.path.name)
-    if started and FINETUNE_START_TAG in tags:
-        warnings.warn(
-            f'{ckpt.path.name} is {started}, published as a fine-tuning start only (its classifier classifies '
-            f'ImageNet at chance: fast-MPN-COV issue #20): exported as {arch}.{FINETUNE_START_TAG}, whose card says '
-            'so.', FineTuneStartWarning, stacklevel=3)
-        return f'{arch}.{FINETUNE_START_TAG}'
-    if (model and timm.models.split_model_name_tag(model)[1]) or not _has_published_file(name):
-        return name
-    own = next((t for t in tags if not _has_published_file(f'{arch}.{t}')), None)
-    return f'{arch}.{own}' if own else name
-
-
-def hf_config_for_loaders(path: Union[str, Path]) -> Dict[str, Any]:
-    """Rewrite the ``config.json`` at ``path`` (timm's ``save_for_hf``'s) so that transformers' TimmWrapper loads it
-    as timm does: ``HF_OWN_ARGS`` out of ``model_args`` (num_classes stays at the top level, where both loaders read
-    it). Returns the config written."""
-    path = Path(path)
-    config = json.loads(path.read_text())
-    if 'num_classes' not in config:
-        raise ValueError(f'{path} has no top-level num_classes: not a config written by timm save_for_hf')
-    model_args = {k: v for k, v in (config.get('model_args') or {}).items() if k not in HF_OWN_ARGS}
-    if model_args:
-        config['model_args'] = model_args
-    else:
-        config.pop('model_args', None)
-    path.write_text(json.dumps(config, indent=2))
-    return config
-
-
-def _verify_export(model: nn.Module, out_dir: Path) -> None:
-    """The folder must rebuild the same network: create it from ``local-dir:`` and compare outputs."""
-    reloaded = timm.create_model(f'local-dir:{out_dir.resolve()}', pretrained=True).eval()
-    cfg = timm.models.get_model_input_config(model)
-    chans, height, width = cfg['input_size']
-    if not cfg['fixed_input_size']:
-        height, width = min(height, 64), min(width, 64)
-    x = torch.randn(1, chans, height, width, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref, out = model(x), reloaded(x)
-    if ref.shape != out.shape or not torch.equal(ref, out):
-        raise RuntimeError(f'{out_dir} does not reproduce the exported model (max abs diff '
-                           f'{(ref - out).abs().max().item() if ref.shape == out.shape else "shape"}).')
-
-
-def _measured_results(ckpt: Checkpoint, used_ema: bool, results: Optional[Union[str, Path]]) -> List[str]:
-    lines = []
-    if results is not None:
-        lines.extend(_read_validate_results(Path(results)))
-    if ckpt.container == 'timm-train' and ckpt.metric is not None:
-        name = ckpt.args.get('eval_metric') or 'top1'
-        ema_run = bool(ckpt.args.get('model_ema')) or ckpt.ema_state_dict is not None
-        if used_ema or not ema_run:
-            epoch = f' after epoch {ckpt.epoch}' if ckpt.epoch is not None else ''
-            lines.append(f'{name} {ckpt.metric:.2f}: the evaluation stored in `{ckpt.path.name}` by train.py{epoch} '
-                         '(its validation set and preprocessing).')
-    if ckpt.best_prec1 is not None:
-        lines.append(f'top-1 accuracy {ckpt.best_prec1:.2f}: `best_prec1` stored in `{ckpt.path.name}` by the '
-                     'released training code (its validation set and preprocessing).')
-    return lines
-
-
-def _read_validate_results(path: Path) -> List[str]:
-    """Lines for timm validate.py results (``--results-file`` JSON or CSV): top-1 / top-5 and the setup."""
-    text = path.read_text()
-    if path.suffix == '.csv':
-        import csv
-        rows = list(csv.DictReader(text.splitlines()))
-    else:
-        data = json.loads(text)
-        rows = data if isinstance(data, list) else data.get('results', [data]) if isinstance(data, dict) else []
-    lines = []
-    for row in rows:
-        if not isinstance(row, Mapping) or row.get('top1') is None:
-            continue
-        setup = ', '.join(f'{k} {row[k]}' for k in ('img_size', 'crop_pct', 'interpolation') if row.get(k))
-        top5 = f', top-5 {float(row["top5"]):.3f}' if row.get('top5') is not None else ''
-        lines.append(f'top-1 {float(row["top1"]):.3f}{top5}: timm validate.py (`{path.name}`'
-                     f'{", " + setup if setup else ""}).')
-    if not lines:
-        raise ValueError(f'{path} has no validate.py results (rows with top1 / top5)')
-    return lines
+    Returns ``dict(files, commit)`` (``commit``: huggingface_hub's ``CommitInfo``; None on a dry run)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+    folder = Path(folder)
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} has no {', '.join(missing)}: write it with `timm-gsop export`")
+    timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True)  # config and weights agree
+    every = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
+    files = {f: (folder / f).stat().st_size for f in filter_repo_objects(every, ignore_patterns=IGNORE_PATTERNS)}
+    if dry_run:
+        return dict(files=files, commit=None)
+    card = (folder / 'README.md').read_text(encoding='utf-8')
+    old = re.search(r'hf-hub:([\w.-]+/[\w.-]+)', card)
+    if old and old.group(1) != repo_id:  # the card's usage examples load the repo it is pushed to
+        tmp = folder / '.README.md.partial'
+        tmp.write_text(card.replace(old.group(1), repo_id), encoding='utf-8')
+        os.replace(tmp, folder / 'README.md')
+    exported_for = json.loads((folder / 'config.json').read_text())['architecture']
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
+        commit_message=commit_message or f'Add {exported_for} weights (timm-gsop export)',
+        ignore_patterns=IGNORE_PATTERNS)
+    return dict(files=files, commit=commit)

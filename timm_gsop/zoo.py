@@ -1,5 +1,5 @@
-"""The model zoo as tables: which models this package registers, their parameters and FLOPs, and the paper's
-ResNet-50 comparison. Shared by the cards, the benchmarks, the demo and ``timm-gsop list``."""
+"""The model zoo as tables (``timm-gsop list``): this package's models, their parameters and FLOPs, and the
+paper's ResNet-50 comparison."""
 import fnmatch
 from typing import List, Optional, Sequence, Tuple
 
@@ -7,9 +7,7 @@ import torch
 import timm
 from torch.utils.flop_counter import FlopCounterMode
 
-
-__all__ = ['list_gsop_models', 'count_params', 'count_gflops', 'format_table', 'published_tags', 'zoo_rows',
-           'PAPER_COMPARISON', 'compare_rows']
+__all__ = ['list_gsop_models', 'count_gflops', 'format_table', 'zoo_rows', 'PAPER_COMPARISON', 'compare_rows']
 
 
 def list_gsop_models(pattern: str = '') -> List[str]:
@@ -18,21 +16,13 @@ def list_gsop_models(pattern: str = '') -> List[str]:
     return [n for n in names if timm.models.model_entrypoint(n).__module__.startswith('timm_gsop.')]
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def count_gflops(model: torch.nn.Module, input_size: Sequence[int]) -> float:
-    """FLOPs (a multiply-add counts 2) of one forward at ``input_size`` (C, H, W), in G.
-
-    Counted by torch's FlopCounterMode (convolutions and matrix products) on the model's device; build the
-    model on the meta device to count without computing.
-    """
+    """FLOPs (a multiply-add counts 2) of one forward at ``input_size`` (C, H, W), in G, by torch's
+    FlopCounterMode; a model on the meta device is counted without computing."""
     param = next(model.parameters())
-    x = torch.empty((1, *input_size), device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.eval()(x)
+        model.eval()(torch.empty((1, *input_size), device=param.device, dtype=param.dtype))
     return counter.get_total_flops() / 1e9
 
 
@@ -43,20 +33,20 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
 
 
-def published_tags(name: str) -> List[str]:
-    """The tags of ``name`` with published weights (what ``timm.list_models(pretrained=True)`` lists)."""
-    return [full.split('.', 1)[1] for full in timm.list_models(name, include_tags=True)
-            if '.' in full and timm.models.get_pretrained_cfg(full).has_weights]
+def _counts(name: str, input_size: Optional[Sequence[int]] = None) -> Tuple[str, str, Tuple[int, ...]]:
+    model = timm.create_model(name, device='meta')
+    input_size = tuple(input_size or model.pretrained_cfg['input_size'])
+    params = sum(p.numel() for p in model.parameters())
+    return f'{params:,}', f'{count_gflops(model, input_size):.2f}', input_size
 
 
 def zoo_rows(pattern: str = '') -> List[Tuple[str, ...]]:
-    """(model, params, GFLOPs, input size, tags with weights) for every registered model matching ``pattern``."""
+    """(model, params, GFLOPs, input size, tags with weights) for every model of this package matching ``pattern``."""
     rows = []
     for name in list_gsop_models(pattern):
-        model = timm.create_model(name, device='meta')
-        input_size = tuple(model.pretrained_cfg['input_size'])
-        rows.append((name, f'{count_params(model):,}', f'{count_gflops(model, input_size):.2f}',
-                     'x'.join(map(str, input_size)), ', '.join(published_tags(name)) or '-'))
+        params, gflops, input_size = _counts(name)
+        tags = [t.split('.', 1)[1] for t in timm.list_models(name, pretrained=True, include_tags=True) if '.' in t]
+        rows.append((name, params, gflops, 'x'.join(map(str, input_size)), ', '.join(tags) or '-'))
     return rows
 
 
@@ -74,12 +64,6 @@ PAPER_COMPARISON: Tuple[Tuple[str, str, Optional[float], Optional[float], str], 
 
 def compare_rows(pattern: str = '') -> List[Tuple[str, ...]]:
     """Rows of ``timm-gsop list --compare``: params and GFLOPs at 3x224x224 (counted), errors (reported)."""
-    rows = []
-    for name, method, top1, top5, source in PAPER_COMPARISON:
-        if pattern and not fnmatch.fnmatch(name, pattern):
-            continue
-        model = timm.create_model(name, device='meta')
-        fmt = lambda err: '-' if err is None else f'{err:.2f}'
-        rows.append((name, method, f'{count_params(model):,}', f'{count_gflops(model, (3, 224, 224)):.2f}',
-                     fmt(top1), fmt(top5), source))
-    return rows
+    fmt = lambda err: '-' if err is None else f'{err:.2f}'
+    return [(name, method, *_counts(name, (3, 224, 224))[:2], fmt(top1), fmt(top5), source)
+            for name, method, top1, top5, source in PAPER_COMPARISON if not pattern or fnmatch.fnmatch(name, pattern)]

@@ -1,8 +1,8 @@
-"""pytest plugin (``-p timm_suite_plugin``) that runs timm's own ``tests/test_models.py`` on this package's models.
+"""pytest plugin (``-p timm_suite_plugin``) that runs timm's own ``tests/test_models.py`` on this package's models,
+merged into a copy of timm (``test_timm_suite.py``).
 
-It imports ``timm_gsop`` (registering the models; unless timm has them, merged in) before timm's test module is
-collected, and narrows timm's ``list_models`` / ``list_pretrained`` to this package's models, so every per-model
-test of timm's suite is parametrised with exactly these. A ``module=`` filter (timm's list of model files whose tests include
+It narrows timm's ``list_models`` / ``list_pretrained`` to this package's models before timm's test module is
+collected, so every per-model test of timm's suite is parametrised with exactly these. A ``module=`` filter (timm's list of model files whose tests include
 ``forward_intermediates``) is treated as naming this package's files too: those tests run on these models as
 well. Tests of timm's own named models (``resnet18``, ``test_resnet`` ...) are deselected.
 
@@ -12,20 +12,17 @@ before collection, so timm's url loader finds them in its cache and no download 
 """
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import timm
 import timm.models
 
-# this package's model files (timm registers a model under its file's name); a timm with them merged in
-# (test_timm_suite.py's drop-in test) has the models already, else the plugin registers them
+# this package's model files (timm registers a model under its file's name), merged into timm
 MODEL_FILES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / 'timm_gsop' / 'models').glob('[!_]*.py'))
 _list_models = timm.list_models
-if not _list_models(module=MODEL_FILES):
-    import timm_gsop  # noqa: F401
 OURS = set(_list_models(module=MODEL_FILES))
+assert OURS, f'timm at {timm.__file__} has no model of {MODEL_FILES} merged in' 
 
 
 def _ours_only(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False,
@@ -40,27 +37,17 @@ def _pretrained_only(filter='', exclude_filters=''):
 
 
 def _write_url_weights(torch_home: str) -> None:
-    """The files behind the url cfgs (the authors' iSQRT-COV weights), in fast-MPN-COV's own layout."""
+    """The files behind the url cfgs (the authors' first iSQRT-COV files), in fast-MPN-COV's layout, random values."""
     import torch
     folder = os.path.join(torch_home, 'hub', 'checkpoints')
     os.makedirs(folder, exist_ok=True)
     for full in _pretrained_only():
-        cfg = timm.models.get_pretrained_cfg(full)
-        if not cfg.url:
-            continue
-        path = os.path.join(folder, os.path.basename(cfg.url))
-        model = timm.create_model(full.split('.')[0])
-        sd = {}
-        for k, v in model.state_dict().items():
-            k = k.replace('global_pool.conv_reduce', 'layer_reduce').replace('global_pool.bn_reduce', 'layer_reduce_bn')
-            sd[k] = v
-        dim = model.global_pool.dim
-        family = sys.modules[timm.models.model_entrypoint(full.split('.')[0]).__module__]
-        order = family.fast_mpncov_to_triu_order(dim)
-        theirs = torch.empty_like(sd['fc.weight'])
-        theirs[:, order] = sd['fc.weight']  # ours = theirs[:, order]
-        sd['fc.weight'] = theirs
-        torch.save(sd, path)
+        url = timm.models.get_pretrained_cfg(full).url
+        if url:
+            rename = {'global_pool.conv_reduce': 'layer_reduce', 'global_pool.bn_reduce': 'layer_reduce_bn'}
+            state_dict = timm.create_model(full.split('.')[0]).state_dict()  # with its (1000-class) classifier
+            torch.save({rename.get(k.rsplit('.', 1)[0], k.rsplit('.', 1)[0]) + '.' + k.rsplit('.', 1)[1]: v
+                        for k, v in state_dict.items()}, os.path.join(folder, os.path.basename(url)))
 
 
 _TORCH_HOME = []

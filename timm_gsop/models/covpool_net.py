@@ -129,18 +129,19 @@ class CovPoolNet(nn.Module):
         finally:
             self.backbone.train(training)
         grid = -(-height // self.reduction) * -(-width // self.reduction)
-        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else f'a {type(out).__name__}'
-        if not isinstance(out, torch.Tensor) or out.ndim == 2:
-            why = 'pooled features: its head pools whatever global_pool says' if shape == (out.shape[1],) else \
-                'not a tensor'
-        elif out.ndim == 3 and out.shape[1] != self.num_prefix_tokens + grid:
-            why = f'tokens that are not {self.num_prefix_tokens} prefix token(s) + a grid of {grid} patches'
-        elif out.ndim == 4 and out.shape[-2 if self.backbone_nhwc else -1] * out.shape[-3 if self.backbone_nhwc else -2] < 2:
-            why = 'a map of one position, whose covariance is zero'
-        elif out.ndim in (3, 4) and (out.ndim == 4 or grid > 1):
+        if not isinstance(out, torch.Tensor):
+            shape, why = f'a {type(out).__name__}', 'not a tensor'
+        elif out.ndim == 2:
+            shape, why = tuple(out.shape[1:]), 'pooled features: its head pools whatever global_pool says'
+        elif out.ndim == 3 and (out.shape[1] != self.num_prefix_tokens + grid or grid < 2):
+            shape, why = tuple(out.shape[1:]), f'tokens that are not {self.num_prefix_tokens} prefix token(s) + ' \
+                f'a grid of {grid} (> 1) patches'
+        elif out.ndim == 4 and (out.shape[1:3] if self.backbone_nhwc else out.shape[2:4]).numel() < 2:
+            shape, why = tuple(out.shape[1:]), 'a map of one position, whose covariance is zero'
+        elif out.ndim in (3, 4):
             return out.shape[-1] if out.ndim == 3 or self.backbone_nhwc else out.shape[1]
         else:
-            why = 'one patch token'
+            shape, why = tuple(out.shape[1:]), 'not a map'
         raise ValueError(
             f'backbone {self.backbone_name} cannot feed a covariance head: at {height}x{width} its features up to the '
             f'pooling are {shape}, {why}; the head needs a (C, H, W) map of more than one position or patch tokens '

@@ -81,6 +81,9 @@ class CovPool(nn.Module):
         return cov
 
     def forward(self, x: Tensor) -> Tensor:
+        # one position has a zero covariance: a silent zero output and no gradient (a trace records shapes: no check)
+        if not torch.jit.is_tracing() and x.shape[-1] * x.shape[-2] < 2:
+            raise ValueError(f'covariance pooling needs a map of more than one position, got {list(x.shape)}')
         y = self.act(self.bn_reduce(self.conv_reduce(x)))
         return triu_vectorize(self.normalize(covariance_pool(y)), self.triu_index).to(y.dtype)
 

@@ -171,10 +171,9 @@ class PositionGSoP(nn.Module):
 
     def attention(self, x: Tensor) -> Tensor:
         """Per-position weights in (0, 1), ``(B, 1, H, W)``, float32."""
-        y = F.adaptive_avg_pool2d(self.bn_reduce(self.conv_reduce(F.relu(x))), self.pool_size)
+        y = adaptive_avg_pool(self.bn_reduce(self.conv_reduce(F.relu(x))), self.pool_size, self.pool_size)
         a = self.gate(position_gram(y)).reshape(-1, 1, self.pool_size, self.pool_size)
-        # the released code "unpools" by adaptive average pooling to the input's size
-        return F.adaptive_avg_pool2d(a, x.shape[-2:])
+        return adaptive_avg_pool(a, x.shape[-2], x.shape[-1])  # the released code "unpools" by adaptive pooling
 
     def forward(self, x: Tensor) -> Tensor:
         y = x * self.attention(x).to(x.dtype)
@@ -235,6 +234,29 @@ class GSoPFusion(nn.Module):
         if self.mode == 'max':
             return torch.maximum(x_channel, x_position)
         return self.concat_bn(self.concat_channel(x_channel) + self.concat_position(x_position))
+
+
+def _adaptive_avg_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """``(size_out, size_in)`` weights whose row i averages the inputs adaptive average pooling averages for output
+    i: ``floor(i size_in / size_out)`` up to ``ceil((i + 1) size_in / size_out)``."""
+    i = torch.arange(size_out, device=like.device)
+    start = torch.div(i * size_in, size_out, rounding_mode='floor')
+    end = torch.div((i + 1) * size_in + size_out - 1, size_out, rounding_mode='floor')
+    j = torch.arange(size_in, device=like.device)
+    weights = ((j >= start[:, None]) & (j < end[:, None])).to(like.dtype)
+    return weights / weights.sum(1, keepdim=True)
+
+
+def adaptive_avg_pool(x: Tensor, height: int, width: int) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, (height, width))`` as two averaging matrices (the same averages, to rounding),
+    which every exporter knows: TorchScript's ONNX export has no adaptive pooling of a map whose size it traces
+    (a dynamic batch) or to a size that is not a factor of the input's."""
+    rows = _adaptive_avg_matrix(x.shape[-2], height, x)
+    cols = _adaptive_avg_matrix(x.shape[-1], width, x)
+    if not torch.jit.is_scripting():
+        with autocast_off(x):  # in x's dtype, as adaptive pooling runs under autocast
+            return torch.einsum('hi,bcij,wj->bchw', rows, x, cols)
+    return torch.einsum('hi,bcij,wj->bchw', rows, x, cols)
 
 
 def _concat_conv_shape(channels: int) -> Tuple[int, int]:

@@ -1,49 +1,22 @@
-"""Test oracle: the forward pass of the RELEASED GSoP-Net code (and of fast-MPN-COV's iSQRT-COV ResNet, at the
-end), rewritten from scratch.
+"""Test oracle, independent of ``timm_gsop`` (never import it here): the forward pass of the RELEASED GSoP-Net code
+(github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks: ``torchvision/models/resnet.py``,
+``MPNCOV/python/MPNCOV.py``, ``main.py``) and of fast-MPN-COV's iSQRT-COV ResNet (at the end), rewritten for checking.
 
-Source of truth: github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks
-(``torchvision/models/resnet.py``, ``torchvision/models/MPNCOV/python/MPNCOV.py``, ``main.py``).
-
-This module is written for checking, not for speed. Its only promises are
-
-* ``state_dict()`` keys and shapes are exactly those of the released ``ResNet`` (so a checkpoint written
-  from it is indistinguishable, key- and shape-wise, from one written by the released ``main.py``), and
-* its eval-mode forward computes what the released forward computes, in whatever dtype the module is
-  in (the released code hard-codes float32 buffers in places; here every helper follows the input dtype
-  so the oracle can run in float64).
-
-Deliberate differences from the released code, none of which changes an eval-mode output:
-
-* GSoP-Net1 pools with a mean over H and W instead of ``AvgPool2d(14)`` (identical at 224x224, and it
-  lets the tests use small inputs);
-* no custom autograd Functions (plain autograd gives the same forward);
-* no prints, no ``.cuda()``, no ``is`` comparisons of strings.
-
-Nothing here imports ``timm_gsop``: the oracle must stay independent of the code under test.
+Promises: ``state_dict()`` keys and shapes are those of the released ``ResNet``, and the eval-mode forward computes
+what the released forward computes, in the module's dtype (float64 works). Differences that change no eval output:
+GSoP-Net1 pools with a mean instead of ``AvgPool2d(14)`` (small inputs work); plain autograd instead of the custom
+Functions; no prints, no ``.cuda()``.
 """
 import math
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-__all__ = [
-    'MANNER_TO_CODE', 'STAGE_DEPTHS', 'released_attention_layout', 'released_channel_covariance',
-    'released_position_covariance', 'released_sqrtm', 'released_triu_vector', 'OfficialBottleneck',
-    'OfficialGSoPResNet', 'build_official', 'randomize_', 'released_triu_index', 'MPNCOV_CHILDREN', 'mpncov_resnet',
-    'mpncov_forward',
-]
-
 # main.py's --att_manner -> the one-character code the released Bottleneck switches on
-MANNER_TO_CODE = {
-    'channel': '1',
-    'position': '2',
-    'fusion_avg': '+',
-    'fusion_max': 'M',
-    'fusion_concat': '&',
-}
+MANNER_TO_CODE = {'channel': '1', 'position': '2', 'fusion_avg': '+', 'fusion_max': 'M', 'fusion_concat': '&'}
 NO_ATTENTION = '0'
 STAGE_DEPTHS = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
 
@@ -72,40 +45,26 @@ def released_attention_layout(arch: str, gsop_mode: int, manner: str) -> List[Li
 # ---- second-order helpers (MPNCOV.py and resnet.py's cov_feature), dtype-following -------------------
 
 def released_channel_covariance(x: torch.Tensor) -> torch.Tensor:
-    """MPNCOV ``Covpool`` forward: ``X I_hat X^T`` with the explicit ``M x M`` centring matrix.
-
-    ``x``: (B, C, H, W) -> (B, C, C), ``M = H * W``,
-    ``I_hat = (1/M) I_M - (1/M^2) 1 1^T``.
-    """
-    batch, channels, height, width = x.shape
-    positions = height * width
-    feats = x.reshape(batch, channels, positions)
-    centring = (torch.eye(positions, dtype=x.dtype, device=x.device) / positions
-                - torch.ones(positions, positions, dtype=x.dtype, device=x.device) / (positions * positions))
-    centring = centring.expand(batch, positions, positions)
-    return feats.bmm(centring).bmm(feats.transpose(1, 2))
+    """MPNCOV ``Covpool``: ``X I_hat X^T``, (B, C, H, W) -> (B, C, C), the explicit ``M x M`` centring matrix
+    ``I_hat = (1/M) I_M - (1/M^2) 1 1^T``, ``M = H * W``."""
+    b, c, m = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+    feats, dd = x.reshape(b, c, m), dict(dtype=x.dtype, device=x.device)
+    centring = torch.eye(m, **dd) / m - torch.ones(m, m, **dd) / (m * m)
+    return feats.bmm(centring.expand(b, m, m)).bmm(feats.transpose(1, 2))
 
 
 def released_position_covariance(x: torch.Tensor) -> torch.Tensor:
-    """resnet.py ``cov_feature``: ``X^T I_hat X`` where ``I_hat`` is ``C x C`` but is scaled by the number
-    of POSITIONS ``M``: ``I_hat = (1/M) I_C - (1/M^2) 1 1^T``.
-
-    ``x``: (B, C, H, W) -> (B, M, M). Not a covariance unless C == M; kept as released.
-    """
-    batch, channels, height, width = x.shape
-    positions = height * width
-    feats = x.reshape(batch, channels, positions)
-    centring = (torch.eye(channels, dtype=x.dtype, device=x.device) / positions
-                - torch.ones(channels, channels, dtype=x.dtype, device=x.device) / (positions * positions))
-    centring = centring.expand(batch, channels, channels)
-    return feats.transpose(1, 2).bmm(centring).bmm(feats)
+    """resnet.py ``cov_feature``: ``X^T I_hat X``, (B, C, H, W) -> (B, M, M), with a ``C x C`` ``I_hat`` scaled by
+    the number of POSITIONS: ``(1/M) I_C - (1/M^2) 1 1^T``. Not a covariance unless C == M; as released."""
+    b, c, m = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+    feats, dd = x.reshape(b, c, m), dict(dtype=x.dtype, device=x.device)
+    centring = torch.eye(c, **dd) / m - torch.ones(c, c, **dd) / (m * m)
+    return feats.transpose(1, 2).bmm(centring.expand(b, c, c)).bmm(feats)
 
 
 def released_sqrtm(x: torch.Tensor, iterations: int) -> torch.Tensor:
-    """MPNCOV ``Sqrtm`` forward, step for step (coupled Newton-Schulz with trace pre-normalisation and
-    sqrt(trace) post-compensation). For ``iterations < 2`` it returns, like the release, the first
-    ``0.5 (3I - A)`` factor times sqrt(trace) (only 3 and 5 are used in practice).
-    """
+    """MPNCOV ``Sqrtm`` step for step: coupled Newton-Schulz, trace pre-normalisation, sqrt(trace) after. For
+    ``iterations < 2`` it returns, as released, the ``0.5 (3I - A)`` factor times sqrt(trace) (3 and 5 are used)."""
     batch, dim, _ = x.shape
     three_eye = 3.0 * torch.eye(dim, dtype=x.dtype, device=x.device).expand(batch, dim, dim)
     trace = (x * three_eye).sum(dim=(1, 2)) / 3.0          # normA: the trace, written as in the release
@@ -136,98 +95,72 @@ def released_triu_index(dim: int) -> torch.Tensor:
 # ---- network ----------------------------------------------------------------------------------------
 
 class OfficialBottleneck(nn.Module):
-    """The released ``Bottleneck`` (torchvision style: stride on conv2) with its attention slot.
-
-    Parameterised submodules carry the released attribute names; parameter-free ops are functional.
-    """
+    """The released ``Bottleneck`` (stride on conv2) with its attention slot; submodules carry the released
+    attribute names, parameter-free ops are functional."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module = None,
                  attention: str = NO_ATTENTION, att_dim: int = ATT_DIM) -> None:
         super().__init__()
-        width = planes
         out_channels = planes * EXPANSION
-        self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.downsample = downsample
         self.attention = attention
-
-        has_channel_branch = attention in ('1', '+', 'M', '&')
-        has_position_branch = attention in ('2', '+', 'M', '&')
-
-        if has_channel_branch:
+        if attention in ('1', '+', 'M', '&'):  # the channel branch
             # released: "if planes > 64: DR_stride = 1 else: DR_stride = 2" (i.e. stage 1 only)
-            reduce_stride = 1 if planes > 64 else 2
-            self.conv_for_DR = nn.Conv2d(out_channels, att_dim, kernel_size=1, stride=reduce_stride, bias=True)
+            self.conv_for_DR = nn.Conv2d(out_channels, att_dim, kernel_size=1, stride=1 if planes > 64 else 2)
             self.bn_for_DR = nn.BatchNorm2d(att_dim)
             self.row_bn = nn.BatchNorm2d(att_dim)
-            self.row_conv_group = nn.Conv2d(
-                att_dim, ROW_EXPANSION * att_dim, kernel_size=(att_dim, 1), groups=att_dim, bias=True)
-            self.fc_adapt_channels = nn.Conv2d(ROW_EXPANSION * att_dim, out_channels, kernel_size=1, bias=True)
-
-        if has_position_branch:
+            self.row_conv_group = nn.Conv2d(att_dim, ROW_EXPANSION * att_dim, (att_dim, 1), groups=att_dim)
+            self.fc_adapt_channels = nn.Conv2d(ROW_EXPANSION * att_dim, out_channels, kernel_size=1)
+        if attention in ('2', '+', 'M', '&'):  # the position branch
             positions = POSITION_GRID * POSITION_GRID
-            self.conv_for_DR_spatial = nn.Conv2d(out_channels, att_dim, kernel_size=1, stride=1, bias=True)
+            self.conv_for_DR_spatial = nn.Conv2d(out_channels, att_dim, kernel_size=1)
             self.bn_for_DR_spatial = nn.BatchNorm2d(att_dim)
             self.row_bn_for_spatial = nn.BatchNorm2d(positions)
             self.row_conv_group_for_spatial = nn.Conv2d(
-                positions, ROW_EXPANSION * positions, kernel_size=(positions, 1), groups=positions, bias=True)
-            self.fc_adapt_channels_for_spatial = nn.Conv2d(
-                ROW_EXPANSION * positions, positions, kernel_size=1, bias=True)
-
+                positions, ROW_EXPANSION * positions, (positions, 1), groups=positions)
+            self.fc_adapt_channels_for_spatial = nn.Conv2d(ROW_EXPANSION * positions, positions, kernel_size=1)
         if attention == '&':
             # released arithmetic, kept literally (math.log(., 2), int truncation)
             groups = int(out_channels / 64)
             factor = int(math.log(32 / groups, 2))
-            kernel = factor * 2 + 5
-            pad = factor + 2
             for name in ('dilate_conv_for_concat1', 'dilate_conv_for_concat2'):
-                setattr(self, name, nn.Conv2d(
-                    out_channels, out_channels, kernel_size=(kernel, 1), stride=1, padding=(pad, 0),
-                    groups=groups, bias=True))
+                setattr(self, name, nn.Conv2d(out_channels, out_channels, kernel_size=(factor * 2 + 5, 1),
+                                              padding=(factor + 2, 0), groups=groups))
             self.bn_for_concat = nn.BatchNorm2d(out_channels)
 
-    # released chan_att: weights (B, C, 1, 1)
     def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(x)
-        y = F.relu(self.bn_for_DR(self.conv_for_DR(y)))
-        cov = released_channel_covariance(y)                 # (B, d, d)
-        rows = cov.unsqueeze(-1)                             # (B, d, d, 1): row i is "channel" i
-        q = self.row_conv_group(self.row_bn(rows))           # (B, 4d, 1, 1); no activation (released)
-        return torch.sigmoid(self.fc_adapt_channels(q))
+        """Released chan_att: weights (B, C, 1, 1)."""
+        y = F.relu(self.bn_for_DR(self.conv_for_DR(F.relu(x))))
+        rows = released_channel_covariance(y).unsqueeze(-1)  # (B, d, d, 1): row i is "channel" i
+        return torch.sigmoid(self.fc_adapt_channels(self.row_conv_group(self.row_bn(rows))))  # no act (released)
 
-    # released pos_att: weights (B, 1, H, W)
     def position_weights(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(x)
-        y = self.bn_for_DR_spatial(self.conv_for_DR_spatial(y))      # no ReLU here (released)
-        y = F.adaptive_avg_pool2d(y, (POSITION_GRID, POSITION_GRID))
-        mat = released_position_covariance(y)                         # (B, 64, 64)
+        """Released pos_att: weights (B, 1, H, W)."""
+        y = self.bn_for_DR_spatial(self.conv_for_DR_spatial(F.relu(x)))  # no ReLU here (released)
+        mat = released_position_covariance(F.adaptive_avg_pool2d(y, (POSITION_GRID, POSITION_GRID)))  # (B, 64, 64)
         q = F.relu(self.row_conv_group_for_spatial(self.row_bn_for_spatial(mat.unsqueeze(-1))))
-        w = torch.sigmoid(self.fc_adapt_channels_for_spatial(q))      # (B, 64, 1, 1)
-        w = w.reshape(w.shape[0], 1, POSITION_GRID, POSITION_GRID)
-        return F.adaptive_avg_pool2d(w, (x.shape[2], x.shape[3]))    # "unpool" to H x W
+        w = torch.sigmoid(self.fc_adapt_channels_for_spatial(q)).reshape(-1, 1, POSITION_GRID, POSITION_GRID)
+        return F.adaptive_avg_pool2d(w, (x.shape[2], x.shape[3]))  # "unpool" to H x W
 
     def apply_attention(self, x: torch.Tensor) -> torch.Tensor:
         code = self.attention
         if code == NO_ATTENTION:
             return x
-        if code == '1':
-            return x * self.channel_weights(x)
-        if code == '2':
-            return F.relu(x * self.position_weights(x))
-        by_channel = x * self.channel_weights(x)
-        by_position = F.relu(x * self.position_weights(x))
+        by_channel = x * self.channel_weights(x) if code != '2' else None
+        by_position = F.relu(x * self.position_weights(x)) if code != '1' else None
+        if code in ('1', '2'):
+            return by_channel if code == '1' else by_position
         if code == '+':
             return by_channel + by_position
         if code == 'M':
             return torch.max(by_channel, by_position)
-        if code == '&':
-            mixed = self.dilate_conv_for_concat1(by_channel) + self.dilate_conv_for_concat2(by_position)
-            return self.bn_for_concat(mixed)
-        raise ValueError(f'unknown attention code {code!r}')
+        return self.bn_for_concat(self.dilate_conv_for_concat1(by_channel) + self.dilate_conv_for_concat2(by_position))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -252,24 +185,18 @@ class OfficialGSoPResNet(nn.Module):
         stage_strides = (1, 2, 2, 1)  # released: layer4 stride=1
         for idx, (planes, stride, depth, codes) in enumerate(zip(stage_planes, stage_strides, depths, layout)):
             assert len(codes) == depth
-            blocks = []
-            for block_idx in range(depth):
-                block_stride = stride if block_idx == 0 else 1
-                downsample = None
-                if block_idx == 0 and (block_stride != 1 or inplanes != planes * EXPANSION):
-                    downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, planes * EXPANSION, kernel_size=1, stride=block_stride, bias=False),
-                        nn.BatchNorm2d(planes * EXPANSION),
-                    )
-                blocks.append(OfficialBottleneck(
-                    inplanes, planes, block_stride, downsample, attention=codes[block_idx], att_dim=att_dim))
-                inplanes = planes * EXPANSION
+            downsample = nn.Sequential(  # every first block (stride or width changes in each stage)
+                nn.Conv2d(inplanes, planes * EXPANSION, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * EXPANSION))
+            blocks = [OfficialBottleneck(inplanes, planes, stride, downsample, codes[0], att_dim)]
+            blocks += [OfficialBottleneck(planes * EXPANSION, planes, attention=code, att_dim=att_dim)
+                       for code in codes[1:]]
+            inplanes = planes * EXPANSION
             setattr(self, f'layer{idx + 1}', nn.Sequential(*blocks))
-
         if gsop_mode == 1:
             self.fc = nn.Linear(inplanes, num_classes)
         else:
-            self.layer_reduce = nn.Conv2d(inplanes, ISQRT_DIM, kernel_size=1, stride=1, padding=0, bias=False)
+            self.layer_reduce = nn.Conv2d(inplanes, ISQRT_DIM, kernel_size=1, bias=False)
             self.layer_reduce_bn = nn.BatchNorm2d(ISQRT_DIM)
             self.fc = nn.Linear(ISQRT_DIM * (ISQRT_DIM + 1) // 2, num_classes)
 
@@ -283,10 +210,8 @@ class OfficialGSoPResNet(nn.Module):
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         if self.gsop_mode == 1:
             return x.mean(dim=(2, 3))  # == AvgPool2d(14) on the released 14x14 map
-        x = F.relu(self.layer_reduce_bn(self.layer_reduce(x)))
-        x = released_channel_covariance(x)
-        x = released_sqrtm(x, ISQRT_ITERS)
-        return released_triu_vector(x)
+        x = released_channel_covariance(F.relu(self.layer_reduce_bn(self.layer_reduce(x))))
+        return released_triu_vector(released_sqrtm(x, ISQRT_ITERS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pooled(self.forward_features(x)))
@@ -306,34 +231,18 @@ GATE_LOGIT_STD = 1.0
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0, calibration_input: torch.Tensor = None) -> nn.Module:
-    """Fill every parameter and every BatchNorm buffer with seeded random values of a sane scale.
-
-    * convs: kaiming-normal with fan_in (ReLU gain); conv biases ~ U(-0.2, 0.2);
-    * BatchNorm: weight ~ U(0.5, 1.5), bias ~ U(-0.2, 0.2), num_batches_tracked a random count;
-    * linear: N(0, 1 / fan_in) weights, biases ~ U(-0.1, 0.1);
-    * BatchNorm running statistics: random stats (mean ~ N(0, 0.2^2), var ~ U(0.5, 2)) would not
-      normalise anything, and a 16- or 33-block ResNet then grows its activations ~sqrt(2)x per block
-      until every sigmoid gate saturates. So they are calibrated instead: one eval-mode pass over
-      ``calibration_input`` (default: a seeded 8x3x64x64 standard-normal batch) in which every BN, just
-      before it runs, sets ``running_mean = mean + 0.2 * std * N(0, 1)`` and
-      ``running_var = var * U(0.5, 2)`` from the per-channel statistics of its actual input. Downstream
-      layers calibrate on the already perturbed activations, so eval outputs stay O(1), while no BN
-      is an exact batch normalisation;
-    * the 1x1 convs that feed a sigmoid (``fc_adapt_channels``, ``fc_adapt_channels_for_spatial``) are
-      rescaled in the same pass so that their outputs have standard deviation ``GATE_LOGIT_STD`` on the
-      calibration batch: the gates then vary between samples, channels and positions instead of sitting
-      at 0 or 1, so a wrong covariance, row order or branch wiring shows up in the output.
-
-    Every value differs from PyTorch's defaults (BN weight 1, bias 0, mean 0, var 1), so a tensor that
-    a loader silently leaves at its init changes the output. The model is left in eval mode.
+    """Fill every parameter and BatchNorm buffer with seeded random values of a sane scale (convs kaiming fan_in,
+    BN affine ~ U(0.5, 1.5) / U(-0.2, 0.2), linear N(0, 1 / fan_in)), none at PyTorch's defaults, so a tensor a
+    loader leaves at its init changes the output. BN running statistics are calibrated in one eval pass over
+    ``calibration_input`` (default a seeded 8x3x64x64 batch): each BN, before it runs, takes its input's per-channel
+    mean (+ 0.2 std noise) and variance (x U(0.5, 2)), so a deep network's activations stay O(1) without any BN
+    being exact; the convs that feed a sigmoid are rescaled so their outputs have std ``GATE_LOGIT_STD`` and the
+    gates vary between samples, channels and positions. Leaves the model in eval mode.
     """
     gen = torch.Generator().manual_seed(seed)
 
-    def rand(shape, low: float, high: float) -> torch.Tensor:
-        return torch.rand(shape, generator=gen).mul_(high - low).add_(low)
-
-    def randn(shape, std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen).mul_(std)
+    rand = lambda shape, low, high: torch.rand(shape, generator=gen).mul_(high - low).add_(low)  # noqa: E731
+    randn = lambda shape, std: torch.randn(shape, generator=gen).mul_(std)  # noqa: E731
 
     norms = []
     for module in model.modules():
@@ -355,10 +264,8 @@ def randomize_(model: nn.Module, seed: int = 0, calibration_input: torch.Tensor 
                 module.bias.copy_(rand(module.bias.shape, -0.1, 0.1))
 
     def calibrate(bn: nn.Module, args) -> None:
-        x = args[0].double()
-        dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False).clamp_min(1e-6)
+        x = args[0].double().transpose(0, 1).flatten(1)
+        mean, var = x.mean(dim=1), x.var(dim=1, unbiased=False).clamp_min(1e-6)
         bn.running_mean.copy_(mean + 0.2 * var.sqrt() * randn(mean.shape, 1.0))
         bn.running_var.copy_(var * rand(var.shape, 0.5, 2.0))
 
@@ -373,24 +280,18 @@ def randomize_(model: nn.Module, seed: int = 0, calibration_input: torch.Tensor 
     handles = [bn.register_forward_pre_hook(calibrate) for bn in norms]
     handles += [conv.register_forward_pre_hook(calibrate_gate) for conv in gate_convs]
     try:
-        model.eval()
-        model(calibration_input.to(device=param.device, dtype=param.dtype))
+        model.eval()(calibration_input.to(device=param.device, dtype=param.dtype))
     finally:
         for handle in handles:
             handle.remove()
     return model
 
 
-def official_state_dict_keys(model: nn.Module) -> Dict[str, tuple]:
-    """Key -> shape of a model's state dict (debugging helper)."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 # ---- fast-MPN-COV (iSQRT-COV) ------------------------------------------------------------------------
 
 # fast-MPN-COV's MPNCOVResNet children, in order (main.py's `features` is a Sequential of them)
 MPNCOV_CHILDREN = ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4',
-            'layer_reduce', 'layer_reduce_bn', 'layer_reduce_relu', 'fc']
+                   'layer_reduce', 'layer_reduce_bn', 'layer_reduce_relu', 'fc']
 
 
 def mpncov_resnet(depth=50, num_classes=1000, device=None, seed=0):
@@ -414,8 +315,7 @@ def mpncov_forward(net, x, iters=5):
     x = net.maxpool(F.relu(net.bn1(net.conv1(x))))
     x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
     x = F.relu(net.layer_reduce_bn(net.layer_reduce(x)))
-    b, c, h, w = x.shape
-    m = h * w
+    b, c, m = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     feats = x.reshape(b, c, m)
     centring = (torch.eye(m, dtype=x.dtype) - torch.full((m, m), 1.0 / m, dtype=x.dtype)) / m
     cov = feats @ centring @ feats.transpose(1, 2)

@@ -169,3 +169,21 @@ def test_one_train_step(head):
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_the_fine_grained_recipe_gives_the_classifier_five_times_the_rate():
+    """fast-MPN-COV's classifier x5 through train.py's --layer-decay: CovPoolNet.group_matcher puts the classifier
+    last and the head before it, so create_optimizer_v2 with the recipe's keys scales everything else by 0.2."""
+    import yaml
+    from timm.optim import create_optimizer_v2
+    from timm_gsop.recipes import recipe_path
+    recipe = yaml.safe_load(open(recipe_path('covpool_resnet50_cub200')))
+    model, _ = build(recipe['model'], pretrained=False, num_classes=recipe['num_classes'], isqrt_dim=8, **TINY_RESNET)
+    optimizer = create_optimizer_v2(
+        model, opt=recipe['opt'], lr=recipe['lr_base'], weight_decay=recipe['weight_decay'],
+        momentum=recipe['momentum'], layer_decay=recipe['layer_decay'],
+        layer_decay_min_scale=recipe['layer_decay_min_scale'], **recipe['opt_kwargs'])
+    scale = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    for name, p in model.named_parameters():
+        assert scale[id(p)] == pytest.approx(1.0 if name.startswith('fc.') else 0.2), name
+    assert {g['weight_decay'] for g in optimizer.param_groups} == {recipe['weight_decay']}

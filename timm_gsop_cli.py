@@ -5,10 +5,12 @@ the package when it runs (importing ``timm_gsop`` registers the models, which im
 (values, names, files) ends in a one-line error and exit status 2, other failures in a one-line error and 1.
 """
 import argparse
+import contextlib
 import json
 import os
 import runpy
 import sys
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 __all__ = ['main', 'build_parser']
@@ -26,17 +28,11 @@ def _model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from timm_gsop.zoo import compare_rows, format_table, zoo_rows
-    if args.compare:
-        print(format_table(('model', 'method', 'params', 'GFLOPs', 'top-1 err', 'top-5 err', 'reported by'),
-                           compare_rows(args.filter)))
-        print('\nParams and GFLOPs (multiply-add = 2) counted at 3x224x224, 1000 classes; errors (%, ImageNet-1k val, '
-              'single 224 crop) as reported by the cited source, not measured by this package.')
-    else:
-        rows = zoo_rows(args.filter)
-        if not rows:
-            raise ValueError(f'no timm-gsop model matches {args.filter!r}')
-        print(format_table(('model', 'params', 'GFLOPs', 'input', 'weights'), rows))
+    from timm_gsop.zoo import format_table, zoo_rows
+    rows = zoo_rows(args.filter)
+    if not rows:
+        raise ValueError(f'no timm-gsop model matches {args.filter!r}')
+    print(format_table(('model', 'params', 'GFLOPs', 'input', 'weights'), rows))
     return 0
 
 
@@ -71,11 +67,8 @@ def _cmd_card(args: argparse.Namespace) -> int:
     if args.model.split('.')[0] not in list_gsop_models():
         raise ValueError(f'{args.model!r} is not a timm-gsop model (`timm-gsop list` names them)')
     card = render_card(args.model, model_kwargs=_model_kwargs(args.model_kwargs), repo_id=args.repo_id)
-    if args.out:
-        with open(args.out, 'w', encoding='utf-8') as f:
-            f.write(card)
-    else:
-        sys.stdout.write(card)
+    with open(args.out, 'w', encoding='utf-8') if args.out else contextlib.nullcontext(sys.stdout) as f:
+        f.write(card)
     return 0
 
 
@@ -105,11 +98,8 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     from timm_gsop.recipes import list_recipes, recipe_path
     if not args.name:
         print('\n'.join(f'{name}  {recipe_path(name)}' for name in list_recipes()))
-    elif args.show:
-        with open(recipe_path(args.name)) as f:
-            sys.stdout.write(f.read())
     else:
-        print(recipe_path(args.name))
+        print(Path(recipe_path(args.name)).read_text() if args.show else recipe_path(args.name), end='' if args.show else '\n')
     return 0
 
 
@@ -122,8 +112,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
     parser = argparse.ArgumentParser(prog='timm-gsop', description='GSoP-Net (Global Second-order Pooling) for timm.')
-    parser.add_argument('--version', action='store_true', help='print the version and exit')
+    parser.add_argument('--version', action='version', version=f"timm-gsop {version('timm-gsop')}")
     sub = parser.add_subparsers(dest='command_name', metavar='COMMAND')
 
     def command(name, handler, help_text, **kwargs):
@@ -133,19 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command('list', _cmd_list, 'the model zoo: params, GFLOPs (multiply-add = 2), input size, tags with weights')
     p.add_argument('filter', nargs='?', default='', help="fnmatch pattern of model names, e.g. 'gsop2*'")
-    p.add_argument('--compare', action='store_true', help="the paper's ResNet-50 comparison with reported errors")
 
     p = command('export', _cmd_export, 'a checkpoint as a Hub folder: model.safetensors, config.json, README.md',
-                description='Export a checkpoint (timm train.py, the released GSoP-Net / fast-MPN-COV code, a state '
-                            'dict or a safetensors file) to the folder timm loads from the Hugging Face Hub, checked '
-                            'by reloading it before anything is written in place. No network is used.')
+                description='Export a checkpoint (timm train.py, the released code, a state dict, safetensors) to the '
+                            'folder timm loads from the Hub, reloaded and compared before it is written in place.')
     p.add_argument('checkpoint', help='model_best.pth.tar, a .pth state dict or a .safetensors file')
     p.add_argument('--out', required=True, metavar='DIR', help='the folder to write')
-    p.add_argument('--model', metavar='NAME', help="registered model, with or without tag (default: the checkpoint's "
-                                                   'args.model)')
+    p.add_argument('--model', metavar='NAME', help="registered model, with or without tag (default: args.model)")
     ema = p.add_mutually_exclusive_group()
-    ema.add_argument('--ema', dest='ema', action='store_true', default=None, help='require the EMA weights (default: '
-                                                                                 'them when the checkpoint has them)')
+    ema.add_argument('--ema', dest='ema', action='store_true', default=None, help='require the EMA weights')
     ema.add_argument('--no-ema', dest='ema', action='store_false', help='the raw (non-EMA) weights')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help="create_model kwargs over those of train.py's args, e.g. num_classes=100")
@@ -153,9 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--results', metavar='FILE', help='validate.py --results-file output (JSON or CSV) for the card')
     p.add_argument('--dataset', help="training dataset for the card, e.g. in1k or a Hub dataset id (default: the tag's)")
 
-    p = command('push', _cmd_push, 'upload an exported folder to the Hugging Face Hub',
-                description='Upload a folder written by `timm-gsop export` (token: HF_TOKEN or `hf auth login`). Safe '
-                            'to retry: unchanged files are not uploaded again.')
+    p = command('push', _cmd_push, 'upload an exported folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth '
+                'login`); safe to retry: unchanged files are not uploaded again')
     p.add_argument('folder')
     p.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='your Hub user or organisation / repo name')
     p.add_argument('--private', action='store_true', help='create the repo private (when it does not exist)')
@@ -182,11 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('name', nargs='?', default='')
     p.add_argument('--show', action='store_true', help="print the recipe's content instead of its path")
 
-    p = command('demo', _cmd_demo, 'GSoP-Nets against a same-size ResNet on CPU (a few minutes), export, warm start',
-                description='Train a first-order ResNet, GSoP-Net1 and GSoP-Net2 of the same size on generated images '
-                            'whose classes differ only in how the colour channels co-vary; export GSoP-Net1 and '
-                            "reload it through timm; warm-start a GSoP-Net1 from the first-order network; compare "
-                            'heads on its backbone. No data or network needed (docs/demo.md).')
+    p = command('demo', _cmd_demo, 'GSoP-Nets against a same-size ResNet on CPU (about 1.5 minutes), export, warm '
+                'start, covariance heads; no data or network needed (docs/demo.md)')
     p.add_argument('--epochs', type=int, default=6)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='timm-gsop-demo', metavar='DIR', help='where GSoP-Net1 is exported')
@@ -200,10 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
-        from importlib.metadata import version
-        print(f"timm-gsop {version('timm-gsop')}")
-        return 0
     if not getattr(args, 'func', None):
         parser.print_help()
         return 2

@@ -27,7 +27,7 @@ FAMILIES = {
     'covpool_deit_small_patch16_224': ('covpool_deit_small_patch16_224', dict(dynamic_img_size=False, img_size=64), 64),
 }
 # f32 against eager, max |error| / max |output|; measured: OpenVINO 5e-7 to 1e-6, onnxruntime 6e-7 to 1.3e-6
-TOLERANCE = 1e-5
+TOLERANCE = 2e-5  # ~15x the largest error measured (1.3e-6): other CPUs round differently
 
 
 def _tiny(name, seed=0, **over):

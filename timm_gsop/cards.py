@@ -1,9 +1,7 @@
-"""Model cards (README.md) for the Hub: ``render_card`` (``timm-gsop card``, and every export).
-
-``card_facts`` gathers one dict of facts: what is measured on the model (params, FLOPs and the usage examples'
-shapes, on the meta device) and read from its modules (``describe_model``), the family's prose and the papers'
-reported results (``hub_cards/families/*.yaml``), the weights and the dataset. ``render_card`` writes them
-through one template, ``hub_cards/model_card.md``, with huggingface_hub's ``ModelCard`` / ``ModelCardData``.
+"""Model cards (README.md) for the Hub: ``render_card`` (``timm-gsop card``, and every export). ``card_facts`` gathers
+what is measured on the model (on the meta device) and read from its modules (``describe_model``), the family's
+prose and reported results (``hub_cards/families/*.yaml``), the weights and the dataset; one template,
+``hub_cards/model_card.md``, writes them through huggingface_hub's ``ModelCard`` / ``ModelCardData``.
 """
 import fnmatch
 from pathlib import Path
@@ -52,8 +50,8 @@ def describe_model(model: nn.Module) -> Dict[str, str]:
         gsop_count=str(sum(map(len, per_stage))), gsop_dim=' / '.join(map(str, dims)) or '-',
         gsop_placement=f"{'every block' if everywhere else 'the last block'} of stage(s) {', '.join(enabled) or '-'}",
         num_features=str(model.num_features), backbone=getattr(model, 'backbone_name', '-'),
-        last_stage='stride 1 without dilation' if info[-1]['reduction'] == info[max(len(info) - 2, 0)]['reduction']
-        and len(info) > 1 else 'stride 2',
+        last_stage='stride 1 without dilation' if len(info) > 1 and info[-1]['reduction'] == info[-2]['reduction']
+        else 'stride 2',
         final_map=f"{height // info[-1]['reduction']}x{width // info[-1]['reduction']} final map at {height}x{width}",
         head=f"{getattr(pool, 'pool_type', '') or 'no'} pooling of {model.num_features} channels")
     if isinstance(pool, CovPool):
@@ -95,15 +93,12 @@ def card_facts(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, r
     default = timm.create_model(name, device='meta')
     input_size = timm.models.get_model_input_config(model)['input_size']
     x = torch.empty((1, *input_size), device='meta')
+    feature_kwargs = {k: v for k, v in model_kwargs.items() if k not in ('num_classes', 'global_pool')}
     with torch.no_grad():
         features = model.forward_features(x)
         embed = model.forward_head(features, pre_logits=True)
-        try:
-            feature_kwargs = {k: v for k, v in model_kwargs.items() if k not in ('num_classes', 'global_pool')}
-            feature_shapes = [o.shape for o in timm.create_model(name, features_only=True, device='meta',
-                                                                 **feature_kwargs)(x)]
-        except Exception:  # a model without features_only: its card says so
-            feature_shapes = None
+        feature_shapes = [tuple(o.shape) for o in timm.create_model(name, features_only=True, device='meta',
+                                                                    **feature_kwargs)(x)]
     if dataset is None and model.num_classes == default.num_classes:
         dataset = _DATASETS.get(str(cfg.get('tag') or '').rsplit('_', 1)[-1])
     elif dataset is not None:
@@ -121,7 +116,7 @@ def card_facts(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, r
         model=name, model_args=model_args, dataset=dataset, input_size=input_size, weights=weights,
         params=sum(p.numel() for p in model.parameters()), gmacs=count_gflops(model, input_size) / 2,
         features_shape=tuple(features.shape), embed_shape=tuple(embed.shape),
-        feature_shapes=[tuple(s) for s in feature_shapes] if feature_shapes else None,
+        feature_shapes=feature_shapes,
         model_ref=f'hf-hub:{repo_id}' if repo_id or weights else name,
         repo_id=repo_id or cfg.get('hf_hub_id') or f'{HUB_NAMESPACE}/{name}',
         hf_hub_id=cfg.get('hf_hub_id'), weights_url=cfg.get('url') or cfg.get('file'),

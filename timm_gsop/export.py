@@ -1,13 +1,10 @@
 """``timm-gsop export`` and ``push``: a checkpoint as the folder timm loads from the Hugging Face Hub, and its upload.
 
-``export_checkpoint`` reads the weights with timm's ``load_state_dict`` (safetensors, or a pickle with
-``weights_only``; the EMA or ``state_dict`` entry; ``clean_state_dict``) and train.py's ``args`` with
-``torch.load(weights_only=True)``; converts them with the model family's ``checkpoint_filter_fn`` (released
-layouts) and loads them strictly; writes ``model.safetensors`` and ``config.json`` with timm's ``save_for_hf`` and
-``README.md`` with ``cards.render_card`` into a staging folder beside the target; reloads that folder through
-timm's ``local-dir:`` source and compares outputs; only then renames the files into place, so a failed or
-interrupted export never leaves a partial file where a good one was. ``push_folder`` uploads such a folder with
-``HfApi.upload_folder``.
+``export_checkpoint`` reads with timm's ``load_state_dict`` (safetensors or pickle, ``weights_only``, the EMA or
+``state_dict`` entry), converts with the family's ``checkpoint_filter_fn``, loads strictly, writes with timm's
+``save_for_hf`` and ``cards.render_card`` into a staging folder, reloads it through ``local-dir:`` and compares
+outputs, and only then renames the files into place: a failed export never leaves a partial file where a good one
+was. ``push_folder`` uploads such a folder with ``HfApi.upload_folder``.
 """
 import argparse
 import importlib
@@ -40,8 +37,8 @@ IGNORE_PATTERNS = ['*.pth', '*.pt', '*.bin', '*.tar', '*.pkl', '*.ckpt', '.*', '
 
 
 def _convert(arch: str, state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """``state_dict`` in ``model``'s names by the ``checkpoint_filter_fn`` of the family that registers ``arch``.
-    Exported weights are trained weights: a warm start (a plain network's checkpoint) raises its warning."""
+    """``state_dict`` in ``model``'s names by its family's ``checkpoint_filter_fn``; an export is of trained weights:
+    a warm start (a plain network's checkpoint) raises its warning."""
     family = importlib.import_module(model_entrypoint(arch).__module__)
     with warnings.catch_warnings():
         warnings.simplefilter('error', WarmStartWarning)
@@ -49,8 +46,7 @@ def _convert(arch: str, state_dict: Dict[str, torch.Tensor], model: torch.nn.Mod
 
 
 def _checkpoint_extras(path: Path) -> Dict[str, Any]:
-    """What a pickled checkpoint says besides its weights: train.py's ``args``, ``epoch``, ``metric``, whether it
-    has EMA weights; the released code's ``arch`` and ``best_prec1``. Memory-mapped where the format allows."""
+    """A pickle's ``args``, ``epoch``, ``metric``, EMA (train.py), ``arch``, ``best_prec1`` (the released code)."""
     if path.suffix == '.safetensors':
         return {}
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -78,7 +74,7 @@ def _model_name(model: Optional[str], path: Path, extras: Dict[str, Any]) -> str
 
 
 def _key_diff(state_dict: Dict[str, torch.Tensor], arch: str, model: torch.nn.Module) -> Tuple[List[str], List[str]]:
-    """(missing, unexpected) tensor names of ``state_dict`` for ``model`` (BN step counters aside: the released
+    """(missing, unexpected) tensor names of ``state_dict`` for ``model``, BN step counters aside (the released
     code predates them)."""
     try:
         have = set(_convert(arch, state_dict, model))
@@ -90,16 +86,16 @@ def _key_diff(state_dict: Dict[str, torch.Tensor], arch: str, model: torch.nn.Mo
 
 
 def _measured(path: Path, extras: Dict[str, Any], used_ema: bool, results: Optional[Path]) -> List[str]:
-    """The card's measured results: a validate.py ``--results-file`` (JSON or CSV) and the checkpoint's metric."""
+    """The card's measured results: a validate.py ``--results-file`` (JSON or CSV) and the checkpoint's own."""
     lines = []
     if results is not None:
         import csv
         text = results.read_text()
         rows = list(csv.DictReader(text.splitlines())) if results.suffix == '.csv' else json.loads(text)
         for row in rows if isinstance(rows, list) else [rows]:
-            setup = ', '.join(f'{k} {row[k]}' for k in ('img_size', 'crop_pct', 'interpolation') if row.get(k))
+            setup = ''.join(f', {k} {row[k]}' for k in ('img_size', 'crop_pct', 'interpolation') if row.get(k))
             lines.append(f"top-1 {float(row['top1']):.3f}, top-5 {float(row['top5']):.3f}: timm validate.py "
-                         f"(`{results.name}`{', ' + setup if setup else ''})")
+                         f'(`{results.name}`{setup})')
     if extras.get('metric') is not None and (used_ema or not extras['ema']):
         lines.append(f"{extras['args'].get('eval_metric') or 'top1'} {float(extras['metric']):.2f}: the evaluation "
                      f"train.py stored in `{path.name}` after epoch {extras.get('epoch')} (its validation set)")
@@ -107,6 +103,47 @@ def _measured(path: Path, extras: Dict[str, Any], used_ema: bool, results: Optio
         lines.append(f"top-1 {float(extras['best_prec1']):.2f}: `best_prec1`, stored in `{path.name}` by the "
                      'released training code (its validation set)')
     return lines
+
+
+def _load(path: Path, model: Optional[str], use_ema: Optional[bool], model_kwargs: Optional[Dict[str, Any]]):
+    """The model a checkpoint holds, built and loaded strictly: (name, model, state dict, extras)."""
+    if not path.is_file():
+        raise FileNotFoundError(f'No checkpoint file at {path}')
+    extras = dict(dict(args={}, ema=False), **_checkpoint_extras(path))
+    if use_ema and not extras['ema']:
+        raise ValueError(f'{path} has no EMA weights (state_dict_ema / model_ema)')
+    name = _model_name(model, path, extras)
+    arch, args = split_model_name_tag(name)[0], extras['args']
+    kwargs = {k: v for k, v in (('num_classes', args.get('num_classes')), ('in_chans', args.get('in_chans')),
+                                ('global_pool', args.get('gp'))) if v is not None}
+    kwargs.update({k: v for k, v in (args.get('model_kwargs') or {}).items() if k != 'pretrained_strict'})
+    kwargs.update(model_kwargs or {})
+    state_dict = load_state_dict(str(path), use_ema=use_ema is not False)
+    if 'num_classes' not in kwargs:  # the classifier's, in the family's names (shapes only: the meta device)
+        try:
+            named = _convert(arch, state_dict, timm.create_model(name, device='meta', **kwargs))
+        except WarmStartWarning:  # a plain network's checkpoint: the key check below refuses it
+            named = state_dict
+        if named.get('fc.weight') is not None:
+            kwargs['num_classes'] = named['fc.weight'].shape[0]
+    net = timm.create_model(name, **kwargs).eval()
+    missing, unexpected = _key_diff(state_dict, arch, net)
+    if missing or unexpected:
+        fits = []
+        for other in list_gsop_models():
+            try:
+                model = timm.create_model(other, device='meta', **kwargs)
+            except (TypeError, ValueError):  # kwargs of another family
+                continue
+            fits += [other] if _key_diff(state_dict, other, model) == ([], []) else []
+        few = lambda keys: ', '.join(keys[:2]) + (', ...' if len(keys) > 2 else '')
+        raise ValueError(
+            f"{path} does not hold the tensors of {name}{f' built with {kwargs}' if kwargs else ''}: {len(missing)} "
+            f'missing ({few(missing)}), {len(unexpected)} unexpected ({few(unexpected)}); its tensors fit '
+            + (', '.join(fits) if fits else "no timm-gsop model (a plain network's checkpoint is a warm start: "
+                                            'train from it with train.py --pretrained-path, then export)'))
+    net.load_state_dict(_convert(arch, state_dict, net))  # shapes: torch's own error
+    return name, net, state_dict, extras
 
 
 def export_checkpoint(
@@ -122,62 +159,19 @@ def export_checkpoint(
     """Write ``model.safetensors``, ``config.json`` and ``README.md`` for ``checkpoint`` into ``out_dir``.
 
     Args:
-        checkpoint: a timm train.py checkpoint, a released GSoP-Net or fast-MPN-COV checkpoint, a state dict or a
-            ``.safetensors`` file.
+        checkpoint: timm train.py's, the released GSoP-Net or fast-MPN-COV code's, a state dict or safetensors.
         out_dir: the folder to write (created; these three files are replaced, nothing else is touched).
         model: a registered model name, with or without tag (default: train.py's ``args.model``).
         use_ema: None: the EMA weights when the checkpoint has them; True: require them; False: the raw weights.
-        model_kwargs: create_model kwargs over those of train.py's args (``num_classes``, ``model_kwargs`` ...).
-        repo_id: the Hub repo the card's usage examples load (default ``timm-gsop/<model>.<tag>``).
-        results: a timm validate.py results file (JSON or CSV) for the card's measured results.
-        dataset: the training dataset for the card (default: the tag's, when num_classes matches it).
+        model_kwargs: create_model kwargs over those of train.py's args (``num_classes``, ``in_chans`` ...).
+        repo_id, results, dataset: for the card: the Hub repo its examples load (default ``timm-gsop/<model>``), a
+            validate.py results file (JSON or CSV), the training dataset (default: the tag's).
 
     Returns ``dict(model, model_args, used_ema, files)``.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f'No checkpoint file at {path}')
-    extras = dict(dict(args={}, ema=False), **_checkpoint_extras(path))
-    if use_ema and not extras['ema']:
-        raise ValueError(f'{path} has no EMA weights (state_dict_ema / model_ema)')
-    name = _model_name(model, path, extras)
-    args = extras['args']
-    kwargs = {k: v for k, v in (('num_classes', args.get('num_classes')), ('in_chans', args.get('in_chans')),
-                                ('global_pool', args.get('gp'))) if v is not None}
-    kwargs.update({k: v for k, v in (args.get('model_kwargs') or {}).items() if k != 'pretrained_strict'})
-    kwargs.update(model_kwargs or {})
-    state_dict = load_state_dict(str(path), use_ema=use_ema is not False)
-    arch = split_model_name_tag(name)[0]
-    # num_classes / in_chans from the classifier / stem weights where neither the args nor the caller set them
-    try:
-        named = _convert(arch, state_dict, timm.create_model(name, device='meta', **kwargs))
-    except WarmStartWarning:  # a plain network's checkpoint: the key check below refuses it
-        named = state_dict
-    if 'num_classes' not in kwargs and named.get('fc.weight') is not None:
-        kwargs['num_classes'] = named['fc.weight'].shape[0]
-    first_conv = timm.models.get_pretrained_cfg(name).first_conv
-    stem = named.get(f'{first_conv}.weight') if isinstance(first_conv, str) else None
-    if 'in_chans' not in kwargs and stem is not None and stem.ndim == 4 and stem.shape[1] != 3:
-        kwargs['in_chans'] = stem.shape[1]
-    net = timm.create_model(name, **kwargs).eval()
-    missing, unexpected = _key_diff(state_dict, arch, net)
-    if missing or unexpected:
-        fits = []
-        for arch in list_gsop_models():
-            try:
-                fits += [arch] if _key_diff(state_dict, arch, timm.create_model(arch, device='meta', **kwargs)) == \
-                    ([], []) else []
-            except (TypeError, ValueError):  # kwargs of another family
-                pass
-        raise ValueError(
-            f"{path} does not hold the tensors of {name}{f' built with {kwargs}' if kwargs else ''}: "
-            f"{len(missing)} missing ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''}), "
-            f"{len(unexpected)} unexpected ({', '.join(unexpected[:2])}{', ...' if len(unexpected) > 2 else ''}); "
-            + (f"its tensors fit {', '.join(fits)}" if fits else 'its tensors fit no timm-gsop model (a plain '
-               "network's checkpoint is a warm start: train from it with train.py --pretrained-path, then export)"))
-    net.load_state_dict(_convert(arch, state_dict, net))  # shapes: torch's own error
-
-    out_dir = Path(out_dir)
+    path, out_dir = Path(checkpoint), Path(out_dir)
+    name, net, state_dict, extras = _load(path, model, use_ema, model_kwargs)
+    args, used_ema = extras['args'], extras['ema'] and use_ema is not False
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.partial-', dir=out_dir.parent))
     try:
@@ -188,14 +182,13 @@ def export_checkpoint(
         model_args = {k: v for k, v in config.get('model_args', {}).items() if k not in _WRAPPER_ARGS}
         config['model_args'] = model_args  # as timm reads it and transformers' TimmWrapper passes it
         (staging / 'config.json').write_text(json.dumps(config, indent=2))
-        used_ema = extras['ema'] and use_ema is not False
+        full_name = f"{config['architecture']}.{net.pretrained_cfg['tag']}"
         weights = dict(
             source=path.name, epoch=extras.get('epoch'), ema=used_ema, layout=checkpoint_layout(state_dict),
             description="a checkpoint of timm's train.py" if args else 'a checkpoint',
             train_args=args, measured=_measured(path, extras, used_ema, Path(results) if results else None))
         card = render_card(name, model_kwargs={'num_classes': net.num_classes, **model_args}, weights=weights,
-                           repo_id=repo_id or f"{HUB_NAMESPACE}/{config['architecture']}.{net.pretrained_cfg['tag']}",
-                           dataset=dataset)
+                           repo_id=repo_id or f'{HUB_NAMESPACE}/{full_name}', dataset=dataset)
         (staging / 'README.md').write_text(card, encoding='utf-8')
         reloaded = timm.create_model(f'local-dir:{staging}', pretrained=True).eval()
         x = torch.randn(1, *timm.models.get_model_input_config(net)['input_size'])
@@ -207,8 +200,8 @@ def export_checkpoint(
             os.replace(staging / file, out_dir / file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return dict(model=f"{config['architecture']}.{net.pretrained_cfg['tag']}", model_args=model_args,
-                used_ema=used_ema, files={f: (out_dir / f).stat().st_size for f in FILES})
+    return dict(model=full_name, model_args=model_args, used_ema=used_ema,
+                files={f: (out_dir / f).stat().st_size for f in FILES})
 
 
 def push_folder(
@@ -220,11 +213,9 @@ def push_folder(
         dry_run: bool = False,
         commit_message: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Upload a folder written by :func:`export_checkpoint` to the Hub repo ``repo_id`` (token: ``HF_TOKEN`` or
-    ``hf auth login``). It must load through timm first. Safe to retry: the repo and branch are created only if
-    missing, and huggingface_hub uploads nothing the repo has already (an unchanged folder makes no commit).
-
-    Returns ``dict(files, commit)`` (``commit``: huggingface_hub's ``CommitInfo``; None on a dry run)."""
+    """Upload a folder written by :func:`export_checkpoint`, which must load through timm, to the Hub repo ``repo_id``
+    (token: ``HF_TOKEN`` or ``hf auth login``). Safe to retry: the repo and branch are created only if missing and
+    an unchanged folder makes no commit. Returns ``dict(files, commit)`` (``CommitInfo``; None on a dry run)."""
     from huggingface_hub import HfApi
     from huggingface_hub.utils import filter_repo_objects
     folder = Path(folder)

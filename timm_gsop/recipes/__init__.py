@@ -1,6 +1,5 @@
-"""Training recipes for timm's ``train.py --config FILE``, shipped with the package (``timm-gsop recipe NAME``
-prints a path; command-line options given to ``train.py`` override the recipe's keys). What each pins and why:
-docs/recipes.md."""
+"""Recipes for timm's ``train.py --config FILE`` (``timm-gsop recipe NAME`` prints a path; options given to
+``train.py`` override the recipe's keys). What each pins and why: docs/recipes.md."""
 import os
 from typing import List
 
@@ -16,7 +15,6 @@ def list_recipes() -> List[str]:
 
 def recipe_path(name: str) -> str:
     """Path of recipe ``name`` (with or without ``.yaml``); a KeyError names the choices."""
-    name = name[:-len('.yaml')] if name.endswith('.yaml') else name
-    if name not in list_recipes():
+    if name.removesuffix('.yaml') not in list_recipes():
         raise KeyError(f'Unknown recipe {name!r}; choices: {", ".join(list_recipes())}')
-    return os.path.join(RECIPE_DIR, f'{name}.yaml')
+    return os.path.join(RECIPE_DIR, f"{name.removesuffix('.yaml')}.yaml")

@@ -137,7 +137,8 @@ def plain(name, **kwargs):
 def head_differs(model, reference):
     """The names of the covariance head's and the classifier's tensors that differ from the reference's."""
     theirs = reference.state_dict()
-    return [k for k, v in model.state_dict().items() if k.startswith(('global_pool.', 'fc.')) and not v.equal(theirs[k])]
+    head = {k: v for k, v in model.state_dict().items() if k.startswith(('global_pool.', 'fc.'))}
+    return [k for k, v in head.items() if not v.equal(theirs[k])]
 
 
 @pytest.mark.parametrize('kwargs', [dict(last_stride=2), {}, dict(last_stride=2, gsop_manner='position')],

@@ -35,7 +35,8 @@ PRINTS = {'print(embed(x).shape)': 'torch.Size([2, 32896])', 'print(torch.equal(
 def bash_commands(text: str):
     """The commands of a text's ```bash blocks: continuation lines joined, comments dropped, shell-split."""
     blocks = re.findall(r'^```bash\n(.*?)^```$', text, re.M | re.S)
-    return [w for b in blocks for line in b.replace('\\\n', ' ').splitlines() if (w := shlex.split(line, comments=True))]
+    lines = [line for b in blocks for line in b.replace('\\\n', ' ').splitlines()]
+    return [words for line in lines if (words := shlex.split(line, comments=True))]
 
 
 def _hf_cache(home: Path, repo: str, folder: Path) -> None:
@@ -53,8 +54,8 @@ def world(tmp_path_factory):
     work = tmp_path_factory.mktemp('docs')
     torch.manual_seed(0)  # the released main.py's model_best.pth.tar of GSoP-Net1 ResNet-50, DataParallel-wrapped
     released = build_official('resnet50', 1, 'channel').state_dict()
-    torch.save({'epoch': 95, 'arch': 'resnet50', 'best_prec1': 77.9, 'state_dict': {
-        f'module.{k}': v for k, v in released.items() if not k.endswith('num_batches_tracked')}}, work / 'model_best.pth.tar')
+    released = {f'module.{k}': v for k, v in released.items() if not k.endswith('num_batches_tracked')}
+    torch.save(dict(epoch=95, arch='resnet50', best_prec1=77.9, state_dict=released), work / 'model_best.pth.tar')
     export = next(w for w in bash_commands(TEXT['README.md']) if w[:2] == ['timm-gsop', 'export'])
     (work / export[2]).parent.mkdir(parents=True)  # what timm's train.py saves for a GSoP-Net1 run
     args = argparse.Namespace(model='gsop_resnet50', num_classes=1000, model_kwargs={}, gp=None, in_chans=None,
@@ -68,7 +69,8 @@ def world(tmp_path_factory):
     finally:
         os.chdir(cwd)
     (work / 'resnet50').mkdir()
-    safetensors.torch.save_file(timm.create_model('resnet50').state_dict(), str(work / 'resnet50' / 'model.safetensors'))
+    resnet = timm.create_model('resnet50').state_dict()
+    safetensors.torch.save_file(resnet, str(work / 'resnet50' / 'model.safetensors'))
     _hf_cache(work / 'hf_home', 'timm/resnet50.a1_in1k', work / 'resnet50')
     _hf_cache(work / 'hf_home', 'YOUR_ORG/gsop_resnet50.in1k', work / export[export.index('--out') + 1])
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_'))}
@@ -77,7 +79,8 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.parametrize('name,index,block', [  # docs/clients.md's blocks need the clients: with them (-m clients)
-    pytest.param(n, i, b, id=f'{n}:{i}', marks=[pytest.mark.clients] if n == 'docs/clients.md' else []) for n, i, b in BLOCKS])
+    pytest.param(n, i, b, id=f'{n}:{i}', marks=[pytest.mark.clients] if n == 'docs/clients.md' else [])
+    for n, i, b in BLOCKS])
 def test_python_block_runs_as_pasted(name, index, block, world):
     work, env = world
     proc = subprocess.run([sys.executable, '-c', block], cwd=work, env=env, capture_output=True, text=True, timeout=600)

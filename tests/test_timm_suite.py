@@ -52,7 +52,8 @@ def merged_timm(tmp_path_factory) -> Path:
             assert not (root / 'timm' / folder / file.name).exists(), f'{folder}/{file.name} is a file of timm'
             shutil.copy(file, root / 'timm' / folder / file.name)
     init = root / 'timm' / 'models' / '__init__.py'
-    init.write_text(init.read_text() + ''.join(f'from .{f.stem} import *\n' for f in sorted((PACKAGE / 'models').glob('[!_]*.py'))))
+    families = sorted((PACKAGE / 'models').glob('[!_]*.py'))
+    init.write_text(init.read_text() + ''.join(f'from .{f.stem} import *\n' for f in families))
     (root / 'sitecustomize.py').write_text(BLOCK_PLUGIN)
     return root
 
@@ -66,8 +67,9 @@ def test_the_merged_models_compute_what_the_plugins_compute(merged_timm, tmp_pat
         with torch.no_grad():
             cases[name] = (tiny_kwargs(name), model.state_dict(), x, model(x))
     torch.save(cases, tmp_path / 'cases.pt')
+    env = dict(os.environ, PYTHONPATH=str(merged_timm))
     proc = subprocess.run([sys.executable, '-c', CHECK_OUTPUTS, str(tmp_path / 'cases.pt'), str(merged_timm)],
-                          env=dict(os.environ, PYTHONPATH=str(merged_timm)), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == list(cases)
 

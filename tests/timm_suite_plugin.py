@@ -2,9 +2,10 @@
 merged into a copy of timm (``test_timm_suite.py``).
 
 It narrows timm's ``list_models`` / ``list_pretrained`` to this package's models before timm's test module is
-collected, so every per-model test of timm's suite is parametrised with exactly these. A ``module=`` filter (timm's list of model files whose tests include
-``forward_intermediates``) is treated as naming this package's files too: those tests run on these models as
-well. Tests of timm's own named models (``resnet18``, ``test_resnet`` ...) are deselected.
+collected, so every per-model test of timm's suite is parametrised with exactly these. A ``module=`` filter
+(timm's list of model files whose tests include ``forward_intermediates``) is treated as naming this package's
+files too: those tests run on these models as well. Tests of timm's own named models (``resnet18``,
+``test_resnet`` ...) are deselected.
 
 ``test_model_load_pretrained`` / ``test_model_features_pretrained`` need the weights of every tag that has some:
 the iSQRT-COV tags' files (fast-MPN-COV layout, random values) are written into a temporary ``TORCH_HOME``

@@ -1,8 +1,7 @@
-""" Global covariance pooling heads: iSQRT-COV (the head of GSoP-Net2 and of iSQRT-COV networks) and plain
-covariance pooling
+""" Global covariance pooling heads: iSQRT-COV (of GSoP-Net2 and iSQRT-COV networks) and plain covariance pooling
 
-"Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
-Normalization", Li, Xie, Wang, Gao, CVPR 2018 (arXiv:1712.01034). Code (MIT): https://github.com/jiangtaoxie/fast-MPN-COV
+"Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root Normalization",
+Li, Xie, Wang, Gao, CVPR 2018 (arXiv:1712.01034). Code (MIT): https://github.com/jiangtaoxie/fast-MPN-COV
 """
 from typing import Optional, Tuple, Type
 
@@ -10,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import create_classifier, get_device_dtype, register_notrace_function
 
 from .second_order import covariance_pool, isqrt, triu_indices_flat, triu_vectorize
 
@@ -27,16 +26,24 @@ torch.fx.wrap('isqrt')
 torch.fx.wrap('triu_vectorize')
 
 
+@register_notrace_function  # a leaf for fx tracing: the check reads the shape
+def check_positions(x: Tensor) -> Tensor:
+    """``x``, after a ValueError if its map has one position, whose covariance is zero: a silent zero output and
+    no gradient (a jit trace records shapes as constants: no check there)."""
+    if not torch.jit.is_tracing() and x.shape[-1] * x.shape[-2] < 2:
+        raise ValueError(f'covariance pooling needs a map of more than one position, got {list(x.shape)}')
+    return x
+
+
+torch.fx.wrap('check_positions')
+
+
 class CovPool(nn.Module):
     """Global covariance pooling in the place of timm's ``global_pool``, without normalisation.
 
-    ``(B, C, H, W)`` -> 1x1 conv to ``dim`` (no bias) -> BN -> ReLU -> covariance ``(B, dim, dim)`` -> triangle
-    vector ``(B, dim (dim + 1) / 2)``. The covariance runs in float32; the output has the dtype of the reduced
-    features, which is what an autocast caller expects for the classifier that follows.
-
-    Args:
-        in_chs: channels of the feature map.
-        dim: channels after the 1x1 reduction; ``0``: no reduction.
+    ``(B, C, H, W)`` -> 1x1 conv to ``dim`` (no bias; ``0``: no reduction) -> BN -> ReLU -> covariance
+    ``(B, dim, dim)`` -> triangle vector ``(B, dim (dim + 1) / 2)``. The covariance runs in float32; the output has
+    the dtype of the reduced features, which is what an autocast caller expects for the classifier that follows.
     """
     pool_type: str = 'cov'
 
@@ -81,10 +88,7 @@ class CovPool(nn.Module):
         return cov
 
     def forward(self, x: Tensor) -> Tensor:
-        # one position has a zero covariance: a silent zero output and no gradient (a trace records shapes: no check)
-        if not torch.jit.is_tracing() and x.shape[-1] * x.shape[-2] < 2:
-            raise ValueError(f'covariance pooling needs a map of more than one position, got {list(x.shape)}')
-        y = self.act(self.bn_reduce(self.conv_reduce(x)))
+        y = self.act(self.bn_reduce(self.conv_reduce(check_positions(x))))
         return triu_vectorize(self.normalize(covariance_pool(y)), self.triu_index).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -93,13 +97,8 @@ class CovPool(nn.Module):
 
 class ISqrtCovPool(CovPool):
     """:class:`CovPool` with iSQRT normalisation: the covariance's matrix square root by ``num_iters`` coupled
-    Newton-Schulz steps before the triangle vector (32,896 features at ``dim=256``), in float32.
-
-    Args:
-        in_chs: channels of the feature map.
-        dim: channels after the 1x1 reduction (iSQRT-COV and GSoP-Net2: 256); ``0``: no reduction.
-        num_iters: Newton-Schulz iterations (GSoP-Net2: 3, iSQRT-COV: 5).
-    """
+    Newton-Schulz steps (GSoP-Net2: 3, iSQRT-COV: 5) before the triangle vector (32,896 features at ``dim=256``, the
+    reduction of iSQRT-COV and GSoP-Net2), in float32."""
     pool_type: str = 'isqrt'
 
     def __init__(
@@ -133,11 +132,8 @@ def create_cov_classifier(
         device=None,
         dtype=None,
 ) -> Tuple[nn.Module, nn.Module, int]:
-    """timm's ``create_classifier`` with two more ``pool_type``: ``'isqrt'`` (an :class:`ISqrtCovPool` head) and
-    ``'cov'`` (a :class:`CovPool` head); ``isqrt_dim`` is either head's reduction.
-
-    Returns ``(global_pool, fc, pooled_features)``.
-    """
+    """timm's ``create_classifier`` with two more ``pool_type``: ``'isqrt'`` (:class:`ISqrtCovPool`) and ``'cov'``
+    (:class:`CovPool`), heads reducing to ``isqrt_dim``. Returns ``(global_pool, fc, pooled_features)``."""
     dd = {'device': device, 'dtype': dtype}
     if pool_type not in POOL_TYPES:  # timm asserts; say what is valid
         raise ValueError(f'Unknown global_pool {pool_type!r}; valid choices: {", ".join(map(repr, POOL_TYPES))}')

@@ -10,9 +10,8 @@ it and turns each row of that matrix into a weight that rescales the input, like
 * ``PositionGSoP``: a P x P position matrix on an 8x8 grid, one weight per position, resized to H x W;
 * ``GSoPFusion``: both, combined as the released ``fusion_avg``, ``fusion_max`` or ``fusion_concat``.
 
-``create_gsop`` builds one from the released manner names. Each maps ``(B, C, H, W) -> (B, C, H, W)`` and takes
-the channel count first and ``device`` / ``dtype`` keywords, so timm's ResNet blocks take them as
-``attn_layer``. The second-order part (matrix, gate) runs in float32 under autocast.
+``create_gsop`` builds one from the released manner names. Each maps ``(B, C, H, W) -> (B, C, H, W)`` and takes the
+channel count first and ``device`` / ``dtype`` keywords, so timm's ResNet blocks take them as ``attn_layer``.
 """
 import math
 from typing import Tuple, Type, Union
@@ -56,12 +55,9 @@ class RowConv2d(nn.Conv2d):
 
 @register_notrace_module  # a leaf for timm's fx feature extraction: keeps its float32 region
 class CovarianceGate(nn.Module):
-    """Sigmoid weights from an ``N x N`` second-order matrix: ``(B, N, N) -> (B, out_features, 1, 1)``.
-
-    Row-wise BatchNorm (the matrix seen as an N-channel N x 1 image), row-wise convolution (``RowConv2d``, each
-    row gives ``row_expansion`` values), optional ReLU (the position branch has one), 1x1 conv to
-    ``out_features``, sigmoid: the released layers, in float32 under autocast.
-    """
+    """Sigmoid weights from an ``N x N`` second-order matrix: ``(B, N, N) -> (B, out_features, 1, 1)``. Row-wise
+    BatchNorm, ``RowConv2d`` (``row_expansion`` values per row), optional ReLU (the position branch has one), 1x1 conv
+    to ``out_features``, sigmoid: the released layers, in float32 under autocast."""
 
     def __init__(
             self,
@@ -95,10 +91,8 @@ class ChannelGSoP(nn.Module):
     """Channel-wise GSoP: ``x * sigmoid(W2 rowconv(rowBN(cov(ReLU(BN(conv1x1(ReLU(x))))))))``.
 
     Args:
-        channels: channels of the input (and output).
-        dim: reduced dimension d before the covariance (paper: 128), at most ``channels``.
-        stride: stride of the 1x1 reduction; the paper uses 2 in the first ResNet stage, so that covariance is
-            taken at 28x28 instead of 56x56.
+        dim: reduced dimension d before the covariance (paper: 128), at most the input's (and output's) ``channels``.
+        stride: stride of the 1x1 reduction; 2 in the paper's first ResNet stage (covariance at 28x28, not 56x56).
         row_expansion: values produced per covariance row (paper: 4).
     """
 
@@ -142,7 +136,6 @@ class PositionGSoP(nn.Module):
     """Position-wise GSoP: weights on a ``pool_size`` grid, resized to the input, then ``ReLU(x * a)``.
 
     Args:
-        channels: channels of the input (and output).
         dim: channels of the 1x1 reduction (paper: 128; no ReLU after its BN, as released), at most ``channels``.
         pool_size: side of the grid the reduced features are average-pooled to (released: 8, so P = 64).
         row_expansion: values produced per row of the P x P matrix (released: 4).
@@ -210,11 +203,9 @@ class GSoPFusion(nn.Module):
         if mode not in ('avg', 'max', 'concat'):
             raise ValueError(f"GSoPFusion mode must be one of 'avg', 'max', 'concat', got {mode!r}")
         self.mode = mode
-        self.channel = ChannelGSoP(
-            channels, dim=dim, stride=stride, row_expansion=row_expansion, act_layer=act_layer,
-            norm_layer=norm_layer, **dd)
-        self.position = PositionGSoP(
-            channels, dim=dim, pool_size=pool_size, row_expansion=row_expansion, norm_layer=norm_layer, **dd)
+        branch_args = dict(dim=dim, row_expansion=row_expansion, norm_layer=norm_layer, **dd)
+        self.channel = ChannelGSoP(channels, stride=stride, act_layer=act_layer, **branch_args)
+        self.position = PositionGSoP(channels, pool_size=pool_size, **branch_args)
         if mode == 'concat':
             groups, kernel = _concat_conv_shape(channels)
             conv_args = dict(kernel_size=(kernel, 1), padding=(kernel // 2, 0), groups=groups, **dd)
@@ -222,13 +213,10 @@ class GSoPFusion(nn.Module):
             self.concat_position = nn.Conv2d(channels, channels, **conv_args)
             self.concat_bn = norm_layer(channels, **dd)
         else:  # placeholders keep forward scriptable in every mode
-            self.concat_channel = nn.Identity()
-            self.concat_position = nn.Identity()
-            self.concat_bn = nn.Identity()
+            self.concat_channel, self.concat_position, self.concat_bn = nn.Identity(), nn.Identity(), nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x_channel = self.channel(x)
-        x_position = self.position(x)
+        x_channel, x_position = self.channel(x), self.position(x)
         if self.mode == 'avg':
             return x_channel + x_position
         if self.mode == 'max':
@@ -272,20 +260,13 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f'{name} must be a positive integer, got {value!r}')
 
 
-def create_gsop(
-        channels: int,
-        manner: str = 'channel',
-        dim: int = 128,
-        stride: int = 1,
-        pool_size: int = 8,
-        **kwargs,
-) -> Union[ChannelGSoP, PositionGSoP, GSoPFusion]:
+def create_gsop(channels: int, manner: str = 'channel', dim: int = 128, stride: int = 1, pool_size: int = 8,
+                **kwargs) -> Union[ChannelGSoP, PositionGSoP, GSoPFusion]:
     """A GSoP module from the released manner name (``GSOP_MANNERS``)."""
     if manner == 'channel':
         return ChannelGSoP(channels, dim=dim, stride=stride, **kwargs)
     if manner == 'position':
         return PositionGSoP(channels, dim=dim, pool_size=pool_size, **kwargs)
     if manner in ('fusion_avg', 'fusion_max', 'fusion_concat'):
-        return GSoPFusion(
-            channels, mode=manner[len('fusion_'):], dim=dim, stride=stride, pool_size=pool_size, **kwargs)
+        return GSoPFusion(channels, mode=manner[len('fusion_'):], dim=dim, stride=stride, pool_size=pool_size, **kwargs)
     raise ValueError(f'Unknown GSoP manner {manner!r}; valid choices: {", ".join(GSOP_MANNERS)}')

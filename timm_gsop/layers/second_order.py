@@ -1,20 +1,15 @@
 """ Second-order pooling ops: covariance, iSQRT matrix square root, triangle vectorisation
 
-Each op computes in float32 (float64 input stays float64) whatever the input dtype, also under
-``torch.autocast``: covariances of ReLU features and Newton-Schulz iterations lose too much in
-fp16 / bf16 (the trace alone can overflow fp16 at d = 256). All are batched plain autograd ops; the
-covariance is a centred product, never the M x M centring matrix of the released code.
+Each op computes in float32 (float64 stays float64) whatever the input dtype, also under ``torch.autocast``:
+covariances of ReLU features and Newton-Schulz iterations lose too much in fp16 / bf16 (the trace alone can
+overflow fp16 at d = 256). All are batched plain autograd ops, and leaves for timm's fx feature extraction and
+``torch.fx.symbolic_trace`` (callers ``torch.fx.wrap`` the names they import): a traced model keeps the float32 region.
 
     cov = covariance_pool(feats)              # (B, C, H, W) -> (B, C, C)
     root = isqrt(cov, num_iters=5)            # approx. cov ** 0.5
     vec = triu_vectorize(root)                # (B, C * (C + 1) / 2)
 
-The ops are leaf functions for timm's fx feature extraction and for ``torch.fx.symbolic_trace`` (callers
-``torch.fx.wrap`` the names they import), so a traced model keeps the float32 region.
-
-Paper: "Global Second-order Pooling Convolutional Networks", Gao et al., CVPR 2019; iSQRT-COV: "Towards
-Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root Normalization",
-Li et al., CVPR 2018.
+GSoP-Net (Gao et al., CVPR 2019); iSQRT-COV (Li et al., CVPR 2018, https://github.com/jiangtaoxie/fast-MPN-COV).
 """
 import contextlib
 from typing import ContextManager, Optional
@@ -24,14 +19,11 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function
 
-__all__ = [
-    'TRACE_EPS', 'autocast_off', 'upcast', 'covariance_pool', 'position_gram', 'isqrt', 'triu_indices_flat',
-    'triu_vectorize',
-]
+__all__ = ['TRACE_EPS', 'autocast_off', 'upcast', 'covariance_pool', 'position_gram', 'isqrt', 'triu_indices_flat',
+           'triu_vectorize']
 
-# Floor of the trace normalisation in iSQRT. An all-zero ReLU feature map (a blank image, a dead channel group)
-# has trace 0, which the released code divides by. Traces of BN-ReLU features are O(d): the floor changes
-# nothing for real inputs.
+# Floor of the trace normalisation in iSQRT. An all-zero ReLU feature map (a blank image, a dead channel group) has
+# trace 0, which the released code divides by. Traces of BN-ReLU features are O(d): no change for real inputs.
 TRACE_EPS = 1e-5
 
 # device types torch.autocast knows (it raises for others, e.g. meta)
@@ -39,10 +31,8 @@ _AUTOCAST_DEVICE_TYPES = ('cpu', 'cuda', 'xpu', 'mps', 'hpu', 'mtia')
 
 
 def autocast_off(x: Tensor) -> ContextManager:
-    """A context in which autocast is disabled on ``x``'s device: the float32 region of the second-order ops.
-
-    Not usable under TorchScript: callers take it under ``if not torch.jit.is_scripting()``.
-    """
+    """A context in which autocast is disabled on ``x``'s device: the float32 region of the second-order ops. Not
+    usable under TorchScript: callers take it under ``if not torch.jit.is_scripting()``."""
     # a plain torch.fx.symbolic_trace proxy has no device to read: the region is recorded as its ops
     if not isinstance(x, torch.fx.Proxy) and x.device.type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type=x.device.type, enabled=False)
@@ -63,10 +53,8 @@ def _covariance(x: Tensor) -> Tensor:
 @register_notrace_function
 def covariance_pool(x: Tensor) -> Tensor:
     """Channel covariance over spatial positions: ``(B, C, H, W) -> (B, C, C)``, float32 (float64 stays).
-
-    ``S = (X - mean)(X - mean)^T / M`` with ``M = H * W`` (the biased estimator of the paper and the released
-    code, whose ``X I_hat X^T`` this equals). Symmetric positive semi-definite.
-    """
+    ``S = (X - mean)(X - mean)^T / M`` with ``M = H * W`` (the biased estimator of the paper and the released code,
+    whose ``X I_hat X^T`` this equals). Symmetric positive semi-definite."""
     if not torch.jit.is_scripting():
         with autocast_off(x):
             return _covariance(x)
@@ -75,19 +63,16 @@ def covariance_pool(x: Tensor) -> Tensor:
 
 def _position_gram(x: Tensor) -> Tensor:
     x = upcast(x).flatten(2)
-    num_positions = x.shape[-1]
+    positions = x.shape[-1]
     sums = x.sum(dim=1)  # per-position sum over channels, (B, P)
-    gram = torch.bmm(x.transpose(1, 2), x)
-    return gram / num_positions - sums.unsqueeze(2) * sums.unsqueeze(1) / (num_positions * num_positions)
+    return torch.bmm(x.transpose(1, 2), x) / positions - sums.unsqueeze(2) * sums.unsqueeze(1) / (positions * positions)
 
 
 @register_notrace_function
 def position_gram(x: Tensor) -> Tensor:
     """The released position GSoP's second-order matrix: ``(B, C, H, W) -> (B, P, P)``, ``P = H * W``.
-
     ``Gram / P - outer(s, s) / P^2``, ``s`` the per-position channel sums: what the released code computes (its
-    ``cov_feature``), a true covariance only when C == P. Kept so that its checkpoints give the same outputs.
-    """
+    ``cov_feature``), a true covariance only when C == P. Kept so that its checkpoints give the same outputs."""
     if not torch.jit.is_scripting():
         with autocast_off(x):
             return _position_gram(x)
@@ -95,11 +80,9 @@ def position_gram(x: Tensor) -> Tensor:
 
 
 def _identity(size: int, like: Tensor) -> Tensor:
-    """The ``size x size`` identity in ``like``'s dtype and device, as an int64 ``arange`` compared with itself.
-
-    Not ``torch.eye``: ``torch.export`` decomposes it into an ``arange`` of the narrowest integer dtype that holds
-    ``size`` (uint16 from 256 on, the iSQRT-COV head's size), which converters such as OpenVINO's do not know.
-    """
+    """The ``size x size`` identity in ``like``'s dtype and device, as an int64 ``arange`` compared with itself. Not
+    ``torch.eye``: ``torch.export`` decomposes it into an ``arange`` of the narrowest integer dtype that holds ``size``
+    (uint16 from 256 on, the iSQRT-COV head's size), which converters such as OpenVINO's do not know."""
     index = torch.arange(size, device=like.device)
     return (index.unsqueeze(1) == index.unsqueeze(0)).to(like.dtype)
 
@@ -127,13 +110,10 @@ def _isqrt(x: Tensor, num_iters: int, eps: float) -> Tensor:
 @register_notrace_function
 def isqrt(x: Tensor, num_iters: int = 3, eps: float = TRACE_EPS) -> Tensor:
     """Approximate square root of SPD matrices by coupled Newton-Schulz iterations (iSQRT-COV).
-
-    ``(B, N, N) -> (B, N, N)``, float32 (float64 stays). The input is divided by its trace (floored at ``eps``,
-    so an all-zero matrix gives zeros with finite gradients), iterated ``num_iters`` times
-    (``Y <- Y T, Z <- T Z, T = (3I - Z Y) / 2``, the last step computing Y only) and multiplied by
-    ``sqrt(trace)``. ``num_iters=1`` gives ``A (3I - A) / 2`` (the released code returns its Z factor there, a
-    bug; the networks use 3 and 5).
-    """
+    ``(B, N, N) -> (B, N, N)``, float32 (float64 stays). The input is divided by its trace (floored at ``eps``, so an
+    all-zero matrix gives zeros with finite gradients), iterated ``num_iters`` times (``Y <- Y T``, ``Z <- T Z``,
+    ``T = (3I - Z Y) / 2``; the last step computes Y only) and multiplied by ``sqrt(trace)``. ``num_iters=1`` gives
+    ``A (3I - A) / 2`` (the released code returns its Z factor there, a bug; the networks use 3 and 5)."""
     if num_iters < 1:
         raise ValueError(f'isqrt num_iters must be >= 1, got {num_iters}')
     # else broadcasting gives a wrong answer or a cryptic error (a trace records shapes as constants: no check,
@@ -155,10 +135,8 @@ def triu_indices_flat(dim: int, device: Optional[torch.device] = None) -> Tensor
 
 @register_notrace_function
 def triu_vectorize(x: Tensor, index: Optional[Tensor] = None) -> Tensor:
-    """The triangle of symmetric matrices as a vector: ``(B, N, N) -> (B, N (N + 1) / 2)``, one gather.
-
-    ``index``: :func:`triu_indices_flat` of N (a module keeps it as a buffer); built here when not given.
-    """
+    """The triangle of symmetric matrices as a vector: ``(B, N, N) -> (B, N (N + 1) / 2)``, one gather. ``index``:
+    :func:`triu_indices_flat` of N (a module keeps it as a buffer); built here when not given."""
     if index is None:
         index = triu_indices_flat(x.shape[-1], x.device)
     return x.flatten(1).index_select(1, index)

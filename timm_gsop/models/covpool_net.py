@@ -2,26 +2,16 @@
 
 A timm model is the backbone: its ``forward_features``, then its own head up to the pooling (``forward_head(x,
 pre_logits=True)`` with pooling off: ConvNeXt's head norm, MobileNetV3's 1x1 head conv, nothing for most), as a
-``(B, C, H, W)`` map (a ViT's patch tokens on their grid, a Swin's NHWC map as NCHW), then global covariance
-pooling and a linear classifier:
+``(B, C, H, W)`` map (a ViT's patch tokens on their grid, an NHWC map permuted), then global covariance pooling
+('isqrt': iSQRT-COV; 'cov': without the square root; or any timm pooling, for comparisons) and a classifier:
 
     timm.create_model('covpool_convnext_tiny', pretrained=True, num_classes=200)      # registered backbones
     timm.create_model('covpool', backbone='regnety_040.ra3_in1k', pretrained=True)   # any timm model
 
-A backbone that does not give such a map at its input size (pooled or class-token-only features, a map of one
-position, a head that cannot turn its pooling off) is refused with a ValueError when the model is built.
-
-``pretrained=True`` builds the backbone with ``timm.create_model(backbone, pretrained=True)``: its published weights
-(the tag: ``covpool_resnet50.a1_in1k`` or ``backbone='resnet50.a1_in1k'``), or a file / state dict of it
-(``pretrained_cfg_overlay``, train.py's ``--pretrained-path``), loaded by its own family's loader; the head and the
-classifier start new (``WarmStartWarning``), so the model's features are what the backbone computes. The model's
-pretrained cfg holds that backbone's data settings (mean, std, input size, crop). A checkpoint of the whole model
-(``timm-gsop export``, ``hf-hub:``, ``local-dir:``) loads through this family's ``checkpoint_filter_fn``. No
-weights of the whole network are published: ``timm.list_models(pretrained=True)`` lists none of these.
-
-Heads (``global_pool``): 'isqrt' (iSQRT-COV: 1x1 conv to ``isqrt_dim``, BN, ReLU, covariance, ``isqrt_iters``
-Newton-Schulz iterations, triangle vector), 'cov' (the same without the square root) or any timm pooling
-('avg' ...), for comparisons.
+A backbone that gives no such map at its input size is refused at construction. ``pretrained=True`` builds the
+backbone with its own weights and loader (its tag, or a file / state dict of it: train.py's ``--pretrained-path``);
+the head and classifier start new (``WarmStartWarning``). The model's pretrained cfg holds that backbone's data
+settings. A checkpoint of the whole model (an export) loads through ``checkpoint_filter_fn``; none is published.
 
 iSQRT-COV: "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root
 Normalization", Li, Xie, Wang, Gao, CVPR 2018 (https://github.com/jiangtaoxie/fast-MPN-COV, MIT).
@@ -41,7 +31,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, clean_state_dict, c
     split_model_name_tag
 
 from ..layers.cov_pool import reset_cov_classifier
-from .gsop_resnet import WarmStartWarning
+from .gsop_resnet import _ISQRT_PAPER, WarmStartWarning
 
 __all__ = ['CovPoolNet']
 
@@ -62,14 +52,11 @@ class CovPoolNet(nn.Module):
 
     Args:
         backbone: a timm model (``num_classes=0``), or the name of one.
-        num_classes: classes of the linear classifier (0: none).
-        in_chans: image channels (the backbone's).
+        num_classes, in_chans, drop_rate: as timm's models (the backbone's ``in_chans``; dropout before the fc).
         global_pool: 'isqrt' (iSQRT-COV), 'cov' (plain covariance), a timm pool type ('avg' ...) or '' (none).
         isqrt_dim: channels after the covariance head's 1x1 reduction (256 -> 32,896 features; 0: none).
         isqrt_iters: Newton-Schulz iterations of the 'isqrt' head (iSQRT-COV: 5).
-        drop_rate: dropout before the classifier.
-        **backbone_args: for ``timm.create_model(backbone, ...)`` when ``backbone`` is a name (``drop_path_rate``,
-            ``img_size``, ``output_stride`` ...).
+        **backbone_args: ``timm.create_model`` kwargs for a named backbone (``drop_path_rate``, ``img_size`` ...).
     """
 
     def __init__(
@@ -113,11 +100,11 @@ class CovPoolNet(nn.Module):
         self.reset_classifier(num_classes, global_pool)
 
     def _probe(self) -> int:
-        """The channels of the map the head pools, from a forward at the backbone's input size on the meta device
-        (no compute; a real one where the backbone keeps tensors meta cannot replace); a ValueError naming the
-        backbone and what it gives when that is not a map of more than one position."""
+        """The channels of the map the head pools, from a forward at the backbone's input size on the meta device (a
+        real one where the backbone keeps tensors meta cannot replace); a ValueError naming what it gives otherwise."""
         chans, height, width = get_model_input_config(self.backbone)['input_size']
-        net, training = _PreLogits(self.backbone).eval(), self.backbone.training
+        training = self.backbone.training
+        net = _PreLogits(self.backbone).eval()
         try:
             with torch.no_grad():
                 try:
@@ -142,10 +129,9 @@ class CovPoolNet(nn.Module):
             return out.shape[-1] if out.ndim == 3 or self.backbone_nhwc else out.shape[1]
         else:
             shape, why = tuple(out.shape[1:]), 'not a map'
-        raise ValueError(
-            f'backbone {self.backbone_name} cannot feed a covariance head: at {height}x{width} its features up to the '
-            f'pooling are {shape}, {why}; the head needs a (C, H, W) map of more than one position or patch tokens '
-            'on a grid')
+        raise ValueError(f'backbone {self.backbone_name} cannot feed a covariance head: at {height}x{width} its '
+                         f'features up to the pooling are {shape}, {why}; the head needs a (C, H, W) map of more than '
+                         'one position or patch tokens on a grid')
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
@@ -175,17 +161,15 @@ class CovPoolNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier; the pooling (and a trained covariance head) is kept when ``global_pool`` is None or
-        the same."""
+        """A new classifier; the pooling (a trained covariance head too) stays when ``global_pool`` is None or same."""
         reset_cov_classifier(self, num_classes, global_pool)
 
     def _to_map(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return features_to_map(x, height, width, self.reduction, self.num_prefix_tokens, self.backbone_nhwc)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2], x.shape[-1]
-        x = self.backbone.forward_features(x)
-        return self._to_map(self.backbone.forward_head(x, pre_logits=True), height, width)
+        features = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return self._to_map(features, x.shape[-2], x.shape[-1])
 
     def forward_intermediates(
             self,
@@ -197,14 +181,13 @@ class CovPoolNet(nn.Module):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The backbone's ``forward_intermediates``; the final features as ``forward_features`` gives them."""
-        height, width = x.shape[-2], x.shape[-1]
         out = self.backbone.forward_intermediates(
             x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only)
         if intermediates_only:
             return out
         final, intermediates = out
-        return self._to_map(self.backbone.forward_head(final, pre_logits=True), height, width), intermediates
+        return self._to_map(self.backbone.forward_head(final, pre_logits=True), x.shape[-2], x.shape[-1]), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -232,19 +215,15 @@ class CovPoolNet(nn.Module):
 
 
 @register_notrace_function  # a leaf for timm's fx feature extraction: its branches are on shapes
-def features_to_map(
-        x: torch.Tensor, height: int, width: int, reduction: int, num_prefix_tokens: int = 0, nhwc: bool = False,
-) -> torch.Tensor:
-    """A backbone's features of a ``height x width`` image as a ``(B, C, H, W)`` map: tokens ``(B, N, C)`` without
-    the ``num_prefix_tokens`` (class, register) on their grid (``reduction``: the patch size), an NHWC map
-    permuted."""
+def features_to_map(x: torch.Tensor, height: int, width: int, reduction: int, num_prefix_tokens: int = 0,
+                    nhwc: bool = False) -> torch.Tensor:
+    """A backbone's features of a ``height x width`` image as a ``(B, C, H, W)`` map: tokens ``(B, N, C)`` without the
+    ``num_prefix_tokens`` (class, register) on their grid (``reduction``: the patch size), an NHWC map permuted."""
     if x.ndim == 3:
         x = x[:, num_prefix_tokens:]
         grid_h, grid_w = -(-height // reduction), -(-width // reduction)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid_h, grid_w)
-    if nhwc:
-        return x.permute(0, 3, 1, 2)
-    return x
+    return x.permute(0, 3, 1, 2) if nhwc else x
 
 
 torch.fx.wrap('features_to_map')  # and for plain torch.fx.symbolic_trace
@@ -252,10 +231,8 @@ torch.fx.wrap('features_to_map')  # and for plain torch.fx.symbolic_trace
 # ---- checkpoints and the pretrained cfg ------------------------------------------------------------------------
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert a checkpoint to ``model``'s names: this family's checkpoints as they are; a checkpoint of the
-    backbone (timm's layout) under ``backbone.``, without the backbone's classifier (no head or classifier: a
-    strict load names them; ``pretrained=True`` with such a file loads it into the backbone with its own loader).
-    """
+    """Convert a checkpoint to ``model``'s names: this family's checkpoints as they are; a checkpoint of the backbone
+    (timm's layout) under ``backbone.``, without its classifier (no head or classifier: a strict load names them)."""
     state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
     state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
     if any(k.startswith('backbone.') for k in state_dict):
@@ -274,22 +251,18 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'classifier': 'fc', 'license': 'mit',
-        'paper_ids': 'arXiv:1712.01034', 'origin_url': 'https://github.com/jiangtaoxie/fast-MPN-COV',
-        'paper_name': 'Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root '
-                      'Normalization',
-        **kwargs,
+        **_ISQRT_PAPER, **kwargs,
     }
 
 
 def _create_covpool(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """The backbone resolved once: its name and tag (the model name's, or ``backbone``'s) parsed here, the backbone
-    built once by ``timm.create_model``, with its own loader when its weights are the source (its published tag,
-    a file or a state dict of it). This family's own checkpoints (an export through ``hf-hub:`` / ``local-dir:``, a
-    file or state dict of the whole model) load through ``build_model_with_cfg`` and ``checkpoint_filter_fn``."""
+    """The backbone's name and tag (the model name's, or ``backbone``'s) parsed once, the backbone built once by
+    ``timm.create_model``, with its own loader when its weights are the source (see the module doc)."""
     pretrained_cfg, overlay = kwargs.pop('pretrained_cfg', None), dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     features_only = kwargs.pop('features_only', False)
     strict = {k: kwargs.pop(k) for k in ('pretrained_strict',) if k in kwargs}  # for whichever loads
-    own = {k: kwargs.pop(k) for k in ('num_classes', 'global_pool', 'isqrt_dim', 'isqrt_iters', 'drop_rate') if k in kwargs}
+    own = {k: kwargs.pop(k) for k in ('num_classes', 'global_pool', 'isqrt_dim', 'isqrt_iters', 'drop_rate')
+           if k in kwargs}
     backbone, tag = split_model_name_tag(kwargs.pop('backbone', 'resnet50'))
     if not is_model(backbone):
         raise ValueError(f'backbone must name a timm model (timm.list_models() lists them), got {backbone!r}')
@@ -336,8 +309,8 @@ def _create_covpool(variant: str, pretrained: bool = False, **kwargs) -> nn.Modu
     return model
 
 
-# each with the data settings of its backbone's default weights, written out (a test keeps them the same): a model
-# built takes them from the backbone it loads
+# each with its backbone's default weights' data settings, written out (a test keeps them the same); a built model
+# takes them from the backbone it loads
 _RESNET_DATA = dict(crop_pct=0.95, test_input_size=(3, 288, 288), test_crop_pct=1.0)
 default_cfgs = generate_default_cfgs({
     'covpool': _cfg(**_RESNET_DATA),

@@ -1,31 +1,21 @@
 """ GSoP-Net: Global Second-order Pooling Convolutional Networks, on timm's ResNet
 
-Paper: "Global Second-order Pooling Convolutional Networks", Zilin Gao, Jiangtao Xie, Qilong Wang, Peihua Li,
-CVPR 2019 (arXiv:1811.12006). Released code (MIT):
+Zilin Gao, Jiangtao Xie, Qilong Wang, Peihua Li, CVPR 2019 (arXiv:1811.12006). Released code (MIT):
 https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks
 
-* GSoP-Net1 (``gsop_resnet*``): a GSoP module in the last bottleneck of each of the four stages, average
-  pooling, linear classifier. GSoP-Net2 (``gsop2_resnet*``): GSoP modules in stages 1-3 only and an iSQRT-COV
-  head (1x1 conv to 256, covariance, 3 Newton-Schulz iterations, 32,896-d triangle vector). Both on a
-  torchvision-style ResNet whose last stage has stride 1 *without* dilation (14x14 final map at 224), as
-  released; timm's ``output_stride=16`` dilates that stage instead, a different network.
-* ``gsopresnet*``: GSoP in every residual block of timm's standard stride-32 ResNet / ResNeXt, as timm's
-  ``seresnet*`` places SE.
-* ``isqrt_resnet*``: iSQRT-COV ("Towards Faster Training of Global Covariance Pooling Networks by Iterative
-  Matrix Square Root Normalization", Li et al., CVPR 2018; https://github.com/jiangtaoxie/fast-MPN-COV), the
-  covariance-pooling baseline: GSoP-Net2 without GSoP modules, 5 iterations.
-* ``cbamresnet*``: timm's ResNet with timm's CBAM in every bottleneck, the attention baseline of the paper's
-  comparison, written as timm writes ``seresnet50``.
+* GSoP-Net1 (``gsop_resnet*``): a GSoP module in the last bottleneck of each stage, average pooling. GSoP-Net2
+  (``gsop2_resnet*``): GSoP modules in stages 1-3 and an iSQRT-COV head. Both on a torchvision-style ResNet whose
+  last stage has stride 1 *without* dilation (14x14 at 224), as released; timm's ``output_stride=16`` dilates it.
+* ``gsopresnet*``: GSoP in every block of timm's stride-32 ResNet / ResNeXt, as ``seresnet*`` places SE.
+* ``isqrt_resnet*``: iSQRT-COV (Li et al., CVPR 2018, https://github.com/jiangtaoxie/fast-MPN-COV): GSoP-Net2
+  without GSoP modules, 5 iterations.
+* ``cbamresnet*``: timm's ResNet with timm's CBAM in every bottleneck, the paper's attention baseline.
 
-The GSoP module sits in timm's bottleneck attention slot (``block.se``): it scales the ``bn3`` output before the
-residual add, where the released code applies it.
-
-``checkpoint_filter_fn`` converts checkpoints of the released GSoP-Net code and of fast-MPN-COV, and starts a
-plain network's checkpoint (timm's / torchvision's ResNets, iSQRT-COV) as a warm start: the GSoP modules start
-function-preserving (``WarmStartWarning`` says what was initialised).
+The GSoP module sits in timm's bottleneck attention slot (``block.se``): it scales ``bn3`` before the residual add,
+as released.
 """
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,24 +38,20 @@ class WarmStartWarning(UserWarning):
 class GSoPResNet(ResNet):
     """timm ``ResNet`` with GSoP modules, an optional stride-1 last stage and an optional iSQRT-COV head.
 
-    Takes every timm ``ResNet`` argument (``block``, ``layers``, ``channels``, ``stem_type``, ``avg_down``,
-    ``cardinality``, ``drop_rate``, ``drop_path_rate``, ``block_args`` ...). With timm's ``BasicBlock`` a GSoP
-    module reads the block's last BN (``bn2``), as it reads ``bn3`` in a bottleneck.
+    Takes every timm ``ResNet`` argument (``block``, ``layers``, ``stem_type``, ``block_args`` ...); in a
+    ``BasicBlock`` a GSoP module reads ``bn2``.
 
     Args:
-        gsop_manner: GSoP module, the released names: 'channel', 'position', 'fusion_avg', 'fusion_max',
-            'fusion_concat'.
+        gsop_manner: the released names: 'channel', 'position', 'fusion_avg', 'fusion_max', 'fusion_concat'.
         gsop_dim: reduced dimension d of the GSoP modules (paper: 128), at most a block's channels.
         gsop_stages: per stage, whether it gets GSoP modules (GSoP-Net1: all four, GSoP-Net2: 1-3).
         gsop_placement: 'last' (the last block of each stage, the paper's) or 'all' (every block).
         gsop_stage1_stride: stride of the first stage's GSoP reduction (released: 2, covariance at 28x28).
         gsop_pool_size: side of the position branch's grid (released: 8).
-        global_pool: 'isqrt' (the iSQRT-COV head), 'cov' (covariance, no square root), a timm pool type
-            ('avg' ...) or '' (none).
+        global_pool: 'isqrt' (iSQRT-COV head), 'cov' (no square root), a timm pool type or '' (none).
         isqrt_dim, isqrt_iters: the covariance head's reduction (256 -> 32,896 features) and iterations.
         last_stride: stride of the last stage: 1 without dilation (released GSoP-Net / iSQRT-COV) or 2.
-        zero_init_last: zero-init each block's last BN (off by default, as released: on, every GSoP module
-            starts on an all-zero input).
+        zero_init_last: zero-init each block's last BN (off, as released: on, a GSoP module starts on zeros).
     """
 
     def __init__(
@@ -104,7 +90,6 @@ class GSoPResNet(ResNet):
         self.gsop_manner = gsop_manner
         self.isqrt_dim = isqrt_dim
         self.isqrt_iters = isqrt_iters
-
         stages = [getattr(self, f'layer{i + 1}') for i in range(len(layers))]
         if last_stride == 1:
             _remove_stage_stride(stages[-1])
@@ -112,17 +97,15 @@ class GSoPResNet(ResNet):
         for stage_idx, (stage, enabled) in enumerate(zip(stages, gsop_stages)):
             for blk in (stage if gsop_placement == 'all' else stage[-1:]) if enabled else ():
                 out_chs = blk.bn3.num_features if isinstance(blk, Bottleneck) else blk.bn2.num_features
-                blk.se = create_gsop(
-                    out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
-                    stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
+                blk.se = create_gsop(out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
+                                     stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
                 for m in blk.se.modules():  # as ResNet.init_weights initialises the rest
                     if isinstance(m, nn.Conv2d):
                         nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
         self.reset_classifier(num_classes, global_pool)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier; the pooling (and a trained covariance head) is kept when ``global_pool`` is None or
-        the same."""
+        """A new classifier; the pooling (a trained covariance head too) stays when ``global_pool`` is None or same."""
         reset_cov_classifier(self, num_classes, global_pool)
 
 
@@ -142,18 +125,13 @@ def _remove_stage_stride(stage: nn.Sequential) -> None:
 
 # released Bottleneck attribute -> (branch, our name in the GSoP module); branch None: the fusion's own
 _RELEASED_BLOCK_KEYS = {
-    'conv_for_DR': ('channel', 'conv_reduce'),
-    'bn_for_DR': ('channel', 'bn_reduce'),
-    'row_bn': ('channel', 'gate.bn_row'),
-    'row_conv_group': ('channel', 'gate.conv_row'),
+    'conv_for_DR': ('channel', 'conv_reduce'), 'bn_for_DR': ('channel', 'bn_reduce'),
+    'row_bn': ('channel', 'gate.bn_row'), 'row_conv_group': ('channel', 'gate.conv_row'),
     'fc_adapt_channels': ('channel', 'gate.conv_expand'),
-    'conv_for_DR_spatial': ('position', 'conv_reduce'),
-    'bn_for_DR_spatial': ('position', 'bn_reduce'),
-    'row_bn_for_spatial': ('position', 'gate.bn_row'),
-    'row_conv_group_for_spatial': ('position', 'gate.conv_row'),
+    'conv_for_DR_spatial': ('position', 'conv_reduce'), 'bn_for_DR_spatial': ('position', 'bn_reduce'),
+    'row_bn_for_spatial': ('position', 'gate.bn_row'), 'row_conv_group_for_spatial': ('position', 'gate.conv_row'),
     'fc_adapt_channels_for_spatial': ('position', 'gate.conv_expand'),
-    'dilate_conv_for_concat1': (None, 'concat_channel'),
-    'dilate_conv_for_concat2': (None, 'concat_position'),
+    'dilate_conv_for_concat1': (None, 'concat_channel'), 'dilate_conv_for_concat2': (None, 'concat_position'),
     'bn_for_concat': (None, 'concat_bn'),
 }
 # the covariance head, named alike by the released GSoP-Net code and fast-MPN-COV's MPNCOVResNet
@@ -162,7 +140,6 @@ _HEAD_KEYS = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'glo
 _FAST_MPNCOV_FEATURES = ('conv1', 'bn1', None, None, 'layer1', 'layer2', 'layer3', 'layer4', 'layer_reduce',
                          'layer_reduce_bn')
 _FAST_MPNCOV_REPRESENTATION = {'conv_dr_block.0': 'layer_reduce', 'conv_dr_block.1': 'layer_reduce_bn'}
-_GSOP_MODULES = (ChannelGSoP, PositionGSoP, GSoPFusion)
 
 
 def checkpoint_layout(state_dict: Mapping[str, Any]) -> str:
@@ -233,16 +210,16 @@ def describe_source(model: nn.Module) -> str:
     return 'the state dict given'
 
 
-def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module, source_stride_1: bool) -> Dict[str, torch.Tensor]:
-    """A plain network's checkpoint (no tensors of any GSoP module) completed for ``model``: each GSoP module
-    from the model's own initialisation with its gate at exactly 0.5 and the module it scales doubled
-    (``2y * 0.5 == y``), a covariance head and classifier the checkpoint has nothing of from the initialisation.
-    A checkpoint with some GSoP tensors is returned as it is: ``load_state_dict`` names what it lacks.
-    ``source_stride_1``: whether the source network's last stage ran at stride 1 (iSQRT-COV's does)."""
+def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module, source_stride_1: bool):
+    """A plain network's checkpoint (no tensor of any GSoP module) completed for ``model``: the GSoP modules from the
+    model's own initialisation with each gate at exactly 0.5 and the module it scales doubled (``2y * 0.5 == y``), a
+    covariance head and classifier it has nothing of from the initialisation. A checkpoint with some GSoP tensors is
+    returned as it is (``load_state_dict`` names what it lacks). ``source_stride_1``: the source's last stage ran at
+    stride 1 (iSQRT-COV's does)."""
     own = model.state_dict()
     gsop = []  # (GSoP module, the module whose output it scales: bn3, bn2 or the block's `gsop_input`)
     for name, block in model.named_modules():
-        if isinstance(getattr(block, 'se', None), _GSOP_MODULES):
+        if isinstance(getattr(block, 'se', None), (ChannelGSoP, PositionGSoP, GSoPFusion)):
             host = 'bn2' if isinstance(block, BasicBlock) else getattr(block, 'gsop_input', 'bn3')
             gsop.append((f'{name}.se.', f'{name}.{host}.'))
     if any(k.startswith(tuple(g for g, _ in gsop)) for k in state_dict):
@@ -285,16 +262,13 @@ def _warm_start(state_dict: Dict[str, torch.Tensor], model: nn.Module, source_st
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert a checkpoint to ``model``'s names.
-
-    Accepts timm's / torchvision's / this package's layout, the released GSoP-Net code's (``main.py``'s
-    ``model_best.pth.tar`` or a bare state dict, with or without DataParallel's ``module.``) and fast-MPN-COV's
-    (its published files and ``main.py`` checkpoints; the classifier's columns reordered to this package's
-    triangle order). A covariance head the model does not have is left out, and with it a classifier trained on
-    another head's features; so is a classifier the model does not have (``num_classes=0``). A plain network's
-    checkpoint is completed for the model as a warm start (``_warm_start``, announced by a ``WarmStartWarning``).
-    Strictness is the caller's: ``load_state_dict`` checks what remains.
-    """
+    """Convert a checkpoint to ``model``'s names: timm's / torchvision's / this package's layout, the released
+    GSoP-Net code's (``main.py``'s ``model_best.pth.tar`` or a bare state dict, with or without DataParallel's
+    ``module.``) and fast-MPN-COV's (its published files and ``main.py`` checkpoints; the classifier's columns
+    reordered to this package's triangle order). A covariance head the model does not have is left out, and with it
+    a classifier trained on another head's features; so is a classifier the model does not have (``num_classes=0``).
+    A plain network's checkpoint is completed for the model as a warm start (``_warm_start``, announced by a
+    ``WarmStartWarning``). Strictness is the caller's: ``load_state_dict`` checks what remains."""
     state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
     state_dict = clean_state_dict({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)})
     layout = checkpoint_layout(state_dict)
@@ -313,43 +287,38 @@ def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSo
     return build_model_with_cfg(GSoPResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
+_GSOP_PAPER = dict(paper_ids='arXiv:1811.12006', paper_name='Global Second-order Pooling Convolutional Networks',
+                   origin_url='https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks')
+_ISQRT_PAPER = dict(paper_ids='arXiv:1712.01034', origin_url='https://github.com/jiangtaoxie/fast-MPN-COV',
+                    paper_name='Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix '
+                               'Square Root Normalization')
+_CBAM_PAPER = dict(paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
+                   origin_url='https://github.com/huggingface/pytorch-image-models')
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14), 'license': 'mit',
         'crop_pct': 0.875, 'interpolation': 'bilinear',  # the released evaluation: resize 256, centre crop 224
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'mit',
-        'paper_ids': 'arXiv:1811.12006', 'paper_name': 'Global Second-order Pooling Convolutional Networks',
-        'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
-        **kwargs,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv1', 'classifier': 'fc',
+        **_GSOP_PAPER, **kwargs,
     }
 
 
 def _isqrt_cfgs(model: str, file: str, drive_id: str) -> Dict[str, Dict[str, Any]]:
-    """An iSQRT-COV model's two tags: the authors' first upload, a fine-tuning start whose classifier timm's
-    convention leaves out (``num_classes=0``), and ``in1k`` (the default: the ImageNet weights a user brings)."""
-    paper = dict(
-        paper_ids='arXiv:1712.01034', origin_url='https://github.com/jiangtaoxie/fast-MPN-COV',
-        paper_name='Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix Square Root '
-                   'Normalization')
-    retrained = (
-        f'The authors re-trained {model} (fast-MPN-COV README, 2020-01-08): Google Drive id {drive_id}, which timm '
-        'does not download. Load the file with pretrained_cfg_overlay=dict(file=PATH), or convert it with '
-        f'`timm-gsop export PATH --model {model} --out DIR`.')
-    return {
-        # trained with a private triangle order: its classifier scores 0.166% top-1 with the authors' own code
-        # (fast-MPN-COV issue #20); backbone and covariance head are the fine-tuning start
-        f'{model}.mpncov_finetune_start': _cfg(
-            url=f'http://jtxie.com/models/{file}', num_classes=0, **paper,
-            notes=(f'{file}: the authors\' first upload, a fine-tuning start (backbone and covariance head; its '
-                   'classifier is not valid: https://github.com/jiangtaoxie/fast-MPN-COV/issues/20). The jtxie.com '
-                   'url is reported unreachable (fast-MPN-COV issue #19).', retrained)),
-        f'{model}.in1k*': _cfg(**paper, notes=(retrained,)),  # the default, though it has no file of its own
-    }
+    """An iSQRT-COV model's two tags: the authors' first upload (its classifier, trained with a private triangle
+    order, scores 0.166% top-1 with their own code: fast-MPN-COV issue #20), as timm states such weights: headless
+    (``num_classes=0``); and ``in1k``, the default, for the ImageNet weights a user brings."""
+    retrained = (f'The authors re-trained {model} (fast-MPN-COV README, 2020-01-08): Google Drive id {drive_id}, '
+                 'which timm does not download. Load it with pretrained_cfg_overlay=dict(file=PATH), or convert it '
+                 f'with `timm-gsop export PATH --model {model} --out DIR`.')
+    first = (f'{file}: the authors\' first upload, a fine-tuning start (backbone and covariance head; its classifier '
+             'is not valid: https://github.com/jiangtaoxie/fast-MPN-COV/issues/20). The jtxie.com url is reported '
+             'unreachable (fast-MPN-COV issue #19).')
+    return {f'{model}.mpncov_finetune_start': _cfg(url=f'http://jtxie.com/models/{file}', num_classes=0,
+                                                   notes=(first, retrained), **_ISQRT_PAPER),
+            f'{model}.in1k*': _cfg(notes=(retrained,), **_ISQRT_PAPER)}  # the default, though it has no file
 
-
-_CBAM_PAPER = dict(paper_ids='arXiv:1807.06521', paper_name='CBAM: Convolutional Block Attention Module',
-                   origin_url='https://github.com/huggingface/pytorch-image-models')
 
 default_cfgs = generate_default_cfgs({
     'gsop_resnet50.in1k': _cfg(),

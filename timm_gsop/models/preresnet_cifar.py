@@ -1,29 +1,15 @@
 """Pre-activation ResNet-164 for CIFAR, plain and with GSoP (the paper's CIFAR-100 rows).
 
 Backbone: "Identity Mappings in Deep Residual Networks", He, Zhang, Ren, Sun, ECCV 2016 (arXiv:1603.05027):
-3x3 stem conv (16 channels, stride 1, no BN/ReLU and no max-pool), three stages of 18 pre-activation
-bottlenecks (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1; widths 16/32/64, outputs 64/128/256,
-strides 1/2/2), final BN-ReLU, global average pooling, classifier. 32x32 input, 8x8 final map.
+3x3 stem conv (16 channels, no BN/ReLU, no max-pool), three stages of 18 pre-activation bottlenecks (widths
+16/32/64, outputs 64/128/256, strides 1/2/2), final BN-ReLU, global average pooling, classifier; 8x8 final map.
 
-GSoP-Net on it ("Global Second-order Pooling Convolutional Networks", Gao et al., CVPR 2019,
-arXiv:1811.12006) reports 20.86% (GSoP-Net1) and 18.58% (GSoP-Net2) CIFAR-100 top-1 error with ResNet-164.
-The released code has no CIFAR network; where the paper is silent these models choose, each a kwarg:
-
-* ``gsop_dim=64``: d = 64, the width of the narrowest stage (ImageNet: d = 128 <= 256, the narrowest there),
-  so no GSoP block expands; the per-stage reductions are 1x / 2x / 4x (ImageNet: 2x to 16x).
-* ``gsop_placement='last'``: the last block of each stage, the paper's ImageNet placement; GSoP-Net1 in
-  all three stages, GSoP-Net2 in all but the last (``gsop_stages``), as on ImageNet.
-* ``gsop_stage1_stride=1``: on ImageNet only the 56x56 stage reduces with stride 2 (to 28x28); CIFAR's
-  largest map is already 32x32.
-* the GSoP module sits on the last conv's output of the pre-activation bottleneck (a pre-activation block
-  has no final BN), before the residual add: the spot SE takes in pre-activation networks.
-* ``last_stride=2``: the standard ResNet-164 (8x8 final map), not the ImageNet GSoP-Nets' stride-1 last
-  stage, so the three CIFAR models share one backbone and the GSoP effect is isolated.
-* ``isqrt_dim=128``, ``isqrt_iters=3`` (GSoP-Net2): a reduction as on ImageNet (there 2048 -> 256), sized so
-  the 8,256-d representation and its 100-class classifier (0.83M parameters) stay below the backbone's
-  1.7M; 256 would give a 3.3M classifier over a covariance of rank <= 63 (64 positions). 3 iterations as
-  GSoP-Net2 on ImageNet.
-* the projection shortcut reads the pre-activated input (He et al.'s and timm's ResNetV2 convention).
+GSoP-Net on it ("Global Second-order Pooling Convolutional Networks", Gao et al., CVPR 2019) reports 20.86%
+(GSoP-Net1) and 18.58% (GSoP-Net2) CIFAR-100 top-1 error. The released code has no CIFAR network; where the paper
+is silent these models choose, each a kwarg (the reasons: docs/models.md): d = 64 (the narrowest stage's
+width), the last block of each stage (Net2: all but the last), stage-1 stride 1, the module on the last conv's
+output before the residual add, a 128-d head with 3 iterations; the standard stride-2 last stage, except for
+GSoP-Net2, whose head pools a stride-1 last stage as on ImageNet.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,14 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-
-from timm.models import build_model_with_cfg
 
 from ..layers.cov_pool import reset_cov_classifier
 from ..layers.gsop import GSOP_MANNERS, create_gsop
-from .gsop_resnet import checkpoint_filter_fn
+from .gsop_resnet import _GSOP_PAPER, checkpoint_filter_fn
 
 __all__ = ['PreResNetCifar', 'PreActBottleneckCifar', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -77,18 +61,14 @@ class PreActBottleneckCifar(nn.Module):
         self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False, **dd)
         self.se = None  # an attention module (GSoP) is set here by the model
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.downsample = None
-        if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)
+        self.downsample = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd) \
+            if stride != 1 or in_chs != out_chs else None
         self.out_chs = out_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_preact = self.act1(self.bn1(x))
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(x_preact)
-        x = self.conv1(x_preact)
-        x = self.conv2(self.act2(self.bn2(x)))
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        x = self.conv2(self.act2(self.bn2(self.conv1(x_preact))))
         x = self.conv3(self.act3(self.bn3(x)))
         if self.se is not None:
             x = self.se(x)
@@ -104,11 +84,10 @@ class PreResNetCifar(nn.Module):
         stem_width: channels of the 3x3 stem conv.
         num_classes, in_chans, drop_rate, drop_path_rate: as timm.
         global_pool: 'avg' (default), another timm pool type, 'isqrt' (iSQRT-COV head) or '' (none).
-        gsop_stages: per stage, whether it gets GSoP blocks (default: none).
-        gsop_placement: 'last' (last block of each enabled stage; default) or 'all' (every block).
+        gsop_stages, gsop_placement: per stage, whether it gets GSoP blocks (default: none); in its last block
+            ('last', default) or in every block ('all').
         gsop_manner, gsop_dim, gsop_stage1_stride, gsop_pool_size: the GSoP blocks (see the module doc).
-        isqrt_dim, isqrt_iters: the iSQRT-COV head (used with ``global_pool='isqrt'``).
-        last_stride: stride of the last stage (2: standard 8x8 final map at 32x32).
+        isqrt_dim, isqrt_iters, last_stride: the covariance head; the last stage's stride (2: an 8x8 map).
     """
 
     def __init__(
@@ -141,9 +120,8 @@ class PreResNetCifar(nn.Module):
             if value not in choices:
                 raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(map(repr, choices))}')
         if not (len(layers) == len(channels) == len(gsop_stages) == 3):
-            raise ValueError(
-                f'layers, channels and gsop_stages need one entry per stage (3 stages), got {tuple(layers)}, '
-                f'{tuple(channels)}, {tuple(gsop_stages)}')
+            raise ValueError(f'layers, channels and gsop_stages need one entry per stage (3 stages), got '
+                             f'{tuple(layers)}, {tuple(channels)}, {tuple(gsop_stages)}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -154,9 +132,8 @@ class PreResNetCifar(nn.Module):
 
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False, **dd)
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='conv1')]
-        in_chs, reduction = stem_width, 1
+        in_chs, reduction, block_idx = stem_width, 1, 0
         num_blocks = sum(layers)
-        block_idx = 0
         self.stage_names = []
         for stage_idx, (depth, planes) in enumerate(zip(layers, channels)):
             stride = 1 if stage_idx == 0 else (last_stride if stage_idx == len(layers) - 1 else 2)
@@ -175,16 +152,13 @@ class PreResNetCifar(nn.Module):
         self.num_features = in_chs
         self.norm = nn.BatchNorm2d(in_chs, **dd)
         self.act = nn.ReLU(inplace=True)
-        self.global_pool = nn.Identity()
-        self.fc = nn.Identity()
-
+        self.global_pool, self.fc = nn.Identity(), nn.Identity()  # parameter-free: reset_classifier makes the head
         _init_weights(self)
         for stage_idx, (name, enabled) in enumerate(zip(self.stage_names, gsop_stages)):
             stage = getattr(self, name)
             for blk in (stage if gsop_placement == 'all' else stage[-1:]) if enabled else ():
-                blk.se = create_gsop(
-                    blk.out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
-                    stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
+                blk.se = create_gsop(blk.out_chs, manner=gsop_manner, dim=gsop_dim, pool_size=gsop_pool_size,
+                                     stride=gsop_stage1_stride if stage_idx == 0 else 1, **dd)
                 _init_weights(blk.se)
         self.reset_classifier(num_classes, global_pool)
 
@@ -203,8 +177,7 @@ class PreResNetCifar(nn.Module):
         return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier; the pooling (and a trained iSQRT-COV head) is kept when ``global_pool`` is None or
-        the same."""
+        """A new classifier; the pooling (a trained covariance head too) stays when ``global_pool`` is None or same."""
         reset_cov_classifier(self, num_classes, global_pool)
 
     def forward_intermediates(
@@ -254,8 +227,7 @@ class PreResNetCifar(nn.Module):
             setattr(self, name, nn.Sequential())
         prune_end = max_index < num_taps - 1
         if prune_norm or prune_end:
-            self.norm = nn.Identity()
-            self.act = nn.Identity()
+            self.norm, self.act = nn.Identity(), nn.Identity()
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
@@ -267,9 +239,7 @@ class PreResNetCifar(nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
         else:
-            x = self.layer1(x)
-            x = self.layer2(x)
-            x = self.layer3(x)
+            x = self.layer3(self.layer2(self.layer1(x)))
         return self.act(self.norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -279,10 +249,7 @@ class PreResNetCifar(nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
-
+        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -299,12 +266,9 @@ def _create_preresnet_cifar(variant: str, pretrained: bool = False, **kwargs) ->
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
-        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
-        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'mit',
-        'paper_ids': 'arXiv:1811.12006', 'paper_name': 'Global Second-order Pooling Convolutional Networks',
-        'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
-        **kwargs,
+        'url': '', 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
+        'interpolation': 'bilinear', 'mean': CIFAR100_MEAN, 'std': CIFAR100_STD, 'first_conv': 'conv1',
+        'classifier': 'fc', 'license': 'mit', **_GSOP_PAPER, **kwargs,
     }
 
 
@@ -313,7 +277,7 @@ default_cfgs = generate_default_cfgs({
         paper_ids='arXiv:1603.05027', paper_name='Identity Mappings in Deep Residual Networks',
         origin_url='https://github.com/KaimingHe/resnet-1k-layers'),
     'gsop_preresnet164_cifar.cifar100': _cfg(),
-    'gsop2_preresnet164_cifar.cifar100': _cfg(),
+    'gsop2_preresnet164_cifar.cifar100': _cfg(pool_size=(16, 16)),
 })
 
 _R164 = dict(layers=(18, 18, 18), channels=(16, 32, 64))
@@ -328,15 +292,17 @@ def preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
 
 @register_model
 def gsop_preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
-    """GSoP-Net1 on pre-activation ResNet-164 for CIFAR: GSoP (d = 64) in the last block of each stage,
-    average pooling (paper: 20.86% CIFAR-100 top-1 error)."""
+    """GSoP-Net1 on the CIFAR ResNet-164: GSoP (d = 64) in the last block of each stage, average pooling.
+
+    The paper reports 20.86% CIFAR-100 top-1 error."""
     model_args = dict(_R164, gsop_stages=(1, 1, 1), global_pool='avg')
     return _create_preresnet_cifar('gsop_preresnet164_cifar', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop2_preresnet164_cifar(pretrained: bool = False, **kwargs) -> PreResNetCifar:
-    """GSoP-Net2 on pre-activation ResNet-164 for CIFAR: GSoP (d = 64) in the last block of stages 1-2,
-    iSQRT-COV head (128-d, 3 iterations, 8,256 features) (paper: 18.58% CIFAR-100 top-1 error)."""
-    model_args = dict(_R164, gsop_stages=(1, 1, 0), global_pool='isqrt')
+    """GSoP-Net2 on the CIFAR ResNet-164: GSoP in stages 1-2, a stride-1 last stage, an iSQRT-COV head (128-d).
+
+    3 iterations, 8,256 features, a 16x16 map at 32x32. The paper reports 18.58% CIFAR-100 top-1 error."""
+    model_args = dict(_R164, gsop_stages=(1, 1, 0), global_pool='isqrt', last_stride=1)
     return _create_preresnet_cifar('gsop2_preresnet164_cifar', pretrained, **dict(model_args, **kwargs))

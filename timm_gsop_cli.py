@@ -99,7 +99,7 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     if not args.name:
         print('\n'.join(f'{name}  {recipe_path(name)}' for name in list_recipes()))
     else:
-        print(Path(recipe_path(args.name)).read_text() if args.show else recipe_path(args.name), end='' if args.show else '\n')
+        print(Path(recipe_path(args.name)).read_text().rstrip('\n') if args.show else recipe_path(args.name))
     return 0
 
 
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create_model kwargs over those of train.py's args, e.g. num_classes=100")
     p.add_argument('--repo-id', metavar='ORG/NAME', help="the repo the card's usage examples load")
     p.add_argument('--results', metavar='FILE', help='validate.py --results-file output (JSON or CSV) for the card')
-    p.add_argument('--dataset', help="training dataset for the card, e.g. in1k or a Hub dataset id (default: the tag's)")
+    p.add_argument('--dataset', help="training dataset for the card, e.g. in1k or a Hub dataset id (default: tag's)")
 
     p = command('push', _cmd_push, 'upload an exported folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth '
                 'login`); safe to retry: unchanged files are not uploaded again')

@@ -6,6 +6,8 @@ checkpoint comes from ``official_reference.py``). Where a block says what it pri
 rest keeps the text true of the code: links, package names and files, ``timm-gsop`` options and recipes, kwargs,
 the zoo's parameter counts, and CI running README's test command."""
 import argparse
+import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -106,8 +108,9 @@ def test_links_names_options_and_kwargs_of_the_text_exist(name):
     text = TEXT[name]
     for target in re.findall(r'\]\(([^)#]+)(?:#[^)]*)?\)', text):
         assert target.startswith('http') or ((ROOT / name).parent / target).exists(), f'link to {target}'
-    for attr in re.findall(r'`timm_gsop\.(\w+)', text):
-        assert hasattr(timm_gsop, attr), attr
+    for dotted in re.findall(r'`timm_gsop\.([\w.]+\w)', text):  # a module or a name in one
+        module, _, attr = f'timm_gsop.{dotted}'.rpartition('.')
+        assert hasattr(importlib.import_module(module), attr) or importlib.util.find_spec(f'{module}.{attr}'), dotted
     for path in re.findall(r'`((?:timm_gsop|tests|benchmarks|hub_cards)/[\w/.]+)`', text):
         assert (ROOT / path).exists(), path
     from timm_gsop.recipes import list_recipes

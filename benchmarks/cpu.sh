@@ -1,42 +1,46 @@
 #!/usr/bin/env bash
-# The CPU tables of benchmarks/README.md in one command (from the repository root, in the venv):
-#   bash benchmarks/cpu.sh [OUT_DIR] [BENCH OPTION ...]
-# Options after OUT_DIR are appended to every `timm-gsop bench` call and override the ones below; a check that it
-# starts: bash benchmarks/cpu.sh /tmp/cpu --batch-size 1 --img-size 64 --repeats 1 --steps 1
-# 1. inference and train-step (forward, backward, SGD step) img/s at batch 8, 224x224, 2 threads: GSoP-Net1 and
-#    GSoP-Net2 each timed interleaved, in one process, with its own backbone (the same stride-1 network without
-#    GSoP modules, the ratios' baseline), eager and with torch.compile;
-# 2. peak tensor memory of one train step at batch 32, eager and with torch.compile.
-# Each run writes OUT_DIR/NAME.txt (the table) and OUT_DIR/NAME.json (with the command and versions).
+# The tables of benchmarks/README.md, from the repository root, in the venv:  bash benchmarks/cpu.sh [OUT_DIR]
+# Each line is one process of benchmarks/compare.py (the specs timed interleaved); OUT_DIR/NAME.txt is its output.
+# 'wall': wall-clock time on 2 threads; 'cputime': the process's CPU time on 1 thread, which other processes
+# sharing the cores do not inflate. A quick check that it runs: QUICK="-b 1 --repeats 1" bash benchmarks/cpu.sh /tmp/c
 set -euo pipefail
 out="${1:-benchmarks/cpu-results}"
-extra=("${@:2}")
 mkdir -p "$out"
-
-# glibc serves a block above its mmap threshold (at most 32 MiB: a batch-32 ResNet-50 activation, and smaller
-# ones until the threshold has adapted) with a fresh mmap and unmaps it on free, so a step page-faults such
-# activations in again: tens of thousands of minor faults, varying from step to step and model to model, noise in
-# the ratios. These keep freed memory in the process for reuse (no mmap, no trimming below 2 GiB), as jemalloc /
-# tcmalloc do; tests/test_bench.py checks the faults stop. The memory figures do not depend on them: they are live
-# tensor bytes from torch's profiler, not the process's RSS.
-export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
-
-net1=(gsop_resnet50 'gsop_resnet50:gsop_stages=(0,0,0,0)')
-net2=(gsop2_resnet50 'gsop2_resnet50:gsop_stages=(0,0,0,0)')
-
-bench() {  # NAME BENCH-OPTION ...
+run() {  # NAME COMPARE-ARGUMENT ...
     local name=$1
     shift
-    timm-gsop bench --threads 2 --img-size 224 "$@" "${extra[@]}" --json "$out/$name.json" | tee "$out/$name.txt"
+    python -u benchmarks/compare.py --threads 2 "$@" ${QUICK:-} | tee "$out/$name.txt"
 }
+cputime=(--threads 1 --timer process)
+net1=(gsop_resnet50 --baseline 'gsop_resnet50:gsop_stages=(0,0,0,0)')    # GSoP-Net1 against its own backbone
+net2=(gsop2_resnet50 --baseline 'gsop2_resnet50:gsop_stages=(0,0,0,0)')  # GSoP-Net2 likewise
 
-for compile in '' --compile; do
-    tag=${compile:+_compile}
-    bench "cpu_net1_b8$tag" --model "${net1[@]}" --baseline "${net1[1]}" --batch-size 8 --repeats 11 --steps 3 \
-        --no-memory $compile
-    bench "cpu_net2_b8$tag" --model "${net2[@]}" --baseline "${net2[1]}" --batch-size 8 --repeats 11 --steps 3 \
-        --no-memory $compile
-    # run for its memory column: its img/s columns are one step each, not a timing
-    bench "cpu_b32_memory$tag" --model "${net1[@]}" "${net2[@]}" --batch-size 32 --mode train --warmup 1 \
-        --repeats 1 --steps 1 $compile
+# 1. time per step, batch 8, 224 px, eager and torch.compile (inductor, default mode)
+run net1_b8 "${net1[@]}" -b 8 --repeats 7
+run net2_b8 "${net2[@]}" -b 8 --repeats 7
+run net1_b8_cputime "${net1[@]}" -b 8 --repeats 7 "${cputime[@]}"
+run net2_b8_cputime "${net2[@]}" -b 8 --repeats 7 "${cputime[@]}"
+run net1_b8_compile "${net1[@]}" -b 8 --repeats 7 --compile --warmup 2
+run net2_b8_compile "${net2[@]}" -b 8 --repeats 7 --compile --warmup 2
+run net1_b8_compile_cputime "${net1[@]}" -b 8 --repeats 7 --compile --warmup 2 "${cputime[@]}"
+run net2_b8_compile_cputime "${net2[@]}" -b 8 --repeats 7 --compile --warmup 2 "${cputime[@]}"
+
+# 2. peak memory of a train step at batch 32 (a fresh process per spec, 3 steps each), eager and compiled
+for c in '' --compile; do
+    run "net1_b32_memory${c:+_compile}" "${net1[@]}" -b 32 --tasks --memory --repeats 3 $c
+    run "net2_b32_memory${c:+_compile}" "${net2[@]}" -b 32 --tasks --memory --repeats 3 $c
 done
+
+# 3. the covariance head (global_pool='isqrt', the default) against the same covpool model with global_pool='avg',
+# 448 px, batch 4, eager: CPU time, then memory (3 steps); ResNet-50 also with plain covariance pooling ('cov')
+head() {  # NAME MODEL-SPEC ... (the baseline is the first spec with :global_pool=avg)
+    run "covpool448_$1" "${@:2}" --baseline "$2:global_pool=avg" --img-size 448 -b 4 --repeats 5 "${cputime[@]}"
+    run "covpool448_$1_memory" "${@:2}" --baseline "$2:global_pool=avg" --img-size 448 -b 4 --tasks --memory --repeats 3
+}
+head resnet50 covpool_resnet50 covpool_resnet50:global_pool=cov
+head convnext_tiny covpool_convnext_tiny
+# DeiT-S built for 448 px (a 28x28 token grid); its 'avg' is the mean of the patch tokens
+head deit_small covpool_deit_small_patch16_224:img_size=448
+
+# 4. the second-order ops against the released formulations, forward + backward
+run ops --ops --repeats 9 --number 3 "${cputime[@]}"

@@ -73,16 +73,16 @@ def _model_name(model: Optional[str], path: Path, extras: Dict[str, Any]) -> str
     return name
 
 
-def _key_diff(state_dict: Dict[str, torch.Tensor], arch: str, model: torch.nn.Module) -> Tuple[List[str], List[str]]:
-    """(missing, unexpected) tensor names of ``state_dict`` for ``model``, BN step counters aside (the released
-    code predates them)."""
+def _key_diff(state_dict: Dict[str, torch.Tensor], arch: str, model: torch.nn.Module) -> Tuple[Dict, List, List]:
+    """``state_dict`` in ``model``'s names (as it is where the family does not convert it) and its (missing,
+    unexpected) tensor names, BN step counters aside (the released code predates them)."""
     try:
-        have = set(_convert(arch, state_dict, model))
+        named = _convert(arch, state_dict, model)
     except (KeyError, RuntimeError, ValueError, WarmStartWarning):  # not a checkpoint that family converts
-        have = set(state_dict)
-    want = set(model.state_dict())
+        named = state_dict
+    have, want = set(named), set(model.state_dict())
     keep = lambda keys: sorted(k for k in keys if not k.endswith('num_batches_tracked'))
-    return keep(want - have), keep(have - want)
+    return named, keep(want - have), keep(have - want)
 
 
 def _measured(path: Path, extras: Dict[str, Any], used_ema: bool, results: Optional[Path]) -> List[str]:
@@ -127,22 +127,22 @@ def _load(path: Path, model: Optional[str], use_ema: Optional[bool], model_kwarg
         if named.get('fc.weight') is not None:
             kwargs['num_classes'] = named['fc.weight'].shape[0]
     net = timm.create_model(name, **kwargs).eval()
-    missing, unexpected = _key_diff(state_dict, arch, net)
+    named, missing, unexpected = _key_diff(state_dict, arch, net)
     if missing or unexpected:
         fits = []
         for other in list_gsop_models():
             try:
-                model = timm.create_model(other, device='meta', **kwargs)
+                candidate = timm.create_model(other, device='meta', **kwargs)
             except (TypeError, ValueError):  # kwargs of another family
                 continue
-            fits += [other] if _key_diff(state_dict, other, model) == ([], []) else []
+            fits += [other] if _key_diff(state_dict, other, candidate)[1:] == ([], []) else []
         few = lambda keys: ', '.join(keys[:2]) + (', ...' if len(keys) > 2 else '')
         raise ValueError(
             f"{path} does not hold the tensors of {name}{f' built with {kwargs}' if kwargs else ''}: {len(missing)} "
             f'missing ({few(missing)}), {len(unexpected)} unexpected ({few(unexpected)}); its tensors fit '
             + (', '.join(fits) if fits else "no timm-gsop model (a plain network's checkpoint is a warm start: "
                                             'train from it with train.py --pretrained-path, then export)'))
-    net.load_state_dict(_convert(arch, state_dict, net))  # shapes: torch's own error
+    net.load_state_dict(named)  # shapes: torch's own error
     return name, net, state_dict, extras
 
 

@@ -5,7 +5,8 @@ A spec is NAME or NAME:key=value:... (values as timm train.py's --model-kwargs).
 times each spec's inference (no grad) and train step (forward, cross-entropy, backward, SGD step), the specs
 interleaved in one process (A, B, A, B, ... per repeat); a ratio is a time over the baseline's in the same repeat.
 --repeats rounds of Timer.timeit(--number) per spec and task, after --warmup calls; --memory: a train step's peak
-memory, a fresh process per spec; --ops: this package's second-order ops against the released formulations.
+memory, a fresh process per spec; --ops: this package's second-order ops against the released formulations
+(tests/official_reference.py, the test oracle).
 """
 import argparse, ctypes, gc, json, os, resource, statistics, subprocess, sys, time  # noqa: E401
 
@@ -17,6 +18,9 @@ import timm
 from timm.utils import ParseKwargs
 from timm_gsop.layers import covariance_pool, isqrt, triu_vectorize  # also registers the models
 from timm_gsop.zoo import count_gflops, format_table
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
+from official_reference import released_channel_covariance, released_sqrtm, released_triu_vector  # noqa: E402
 
 AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -99,35 +103,14 @@ def step_memory(spec, args):
     return found
 
 
-def released_covariance(x):
-    """The released code's covariance: X I_hat X^T, I_hat = (I - 1/M) / M an M x M matrix repeated per sample."""
-    b, c, h, w = x.shape
-    i_hat = ((torch.eye(h * w, device=x.device) - 1.0 / (h * w)) / (h * w)).repeat(b, 1, 1)
-    return x.reshape(b, c, h * w).bmm(i_hat).bmm(x.reshape(b, c, h * w).transpose(1, 2))
-
-
-def released_isqrt_triu(a, iters=5):
-    """As released: Newton-Schulz on the batch with the identity repeated per sample, then the triangle gathered
-    one sample at a time (the released GSoP code's loop; its hand-written backward is left to autograd here)."""
-    b, n, _ = a.shape
-    i3 = 3.0 * torch.eye(n, device=a.device).repeat(b, 1, 1)
-    norm = (a * i3).sum((1, 2)).view(b, 1, 1) / 3
-    y, z = (a / norm).bmm(0.5 * (i3 - a / norm)), 0.5 * (i3 - a / norm)
-    for _ in range(iters - 2):
-        zy = 0.5 * (i3 - z.bmm(y))
-        y, z = y.bmm(zy), zy.bmm(z)
-    y = 0.5 * y.bmm(i3 - z.bmm(y)) * norm.sqrt()
-    index = torch.ones(n, n).triu().t().reshape(-1).nonzero().squeeze(1).to(a.device)
-    return torch.stack([y[i].reshape(-1)[index] for i in range(b)])
-
-
 def ops(args):
     """This package's ops against the released formulations, forward + backward, float32, interleaved."""
     g, b = torch.Generator().manual_seed(0), args.ops_batch
     feats = lambda *shape: torch.randn(*shape, generator=g).relu().to(args.device)
-    cases = {f'covariance ({b}, 128, {s}, {s})': (covariance_pool, released_covariance, feats(b, 128, s, s))
+    cases = {f'covariance ({b}, 128, {s}, {s})': (covariance_pool, released_channel_covariance, feats(b, 128, s, s))
              for s in (28, 14)}
-    cases[f'isqrt 5 + triangle ({b}, 256, 256)'] = (lambda a: triu_vectorize(isqrt(a, 5)), released_isqrt_triu,
+    cases[f'isqrt 5 + triangle ({b}, 256, 256)'] = (lambda a: triu_vectorize(isqrt(a, 5)),
+                                                    lambda a: released_triu_vector(released_sqrtm(a, 5)),
                                                     covariance_pool(feats(b, 256, 14, 14)))
     fns = {'package': {}, 'released': {}}
     for case, (ours, released, x) in cases.items():

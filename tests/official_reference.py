@@ -46,11 +46,11 @@ def released_attention_layout(arch: str, gsop_mode: int, manner: str) -> List[Li
 
 def released_channel_covariance(x: torch.Tensor) -> torch.Tensor:
     """MPNCOV ``Covpool``: ``X I_hat X^T``, (B, C, H, W) -> (B, C, C), the explicit ``M x M`` centring matrix
-    ``I_hat = (1/M) I_M - (1/M^2) 1 1^T``, ``M = H * W``."""
+    ``I_hat = (1/M) I_M - (1/M^2) 1 1^T``, ``M = H * W``, repeated per sample as released."""
     b, c, m = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     feats, dd = x.reshape(b, c, m), dict(dtype=x.dtype, device=x.device)
     centring = torch.eye(m, **dd) / m - torch.ones(m, m, **dd) / (m * m)
-    return feats.bmm(centring.expand(b, m, m)).bmm(feats.transpose(1, 2))
+    return feats.bmm(centring.repeat(b, 1, 1)).bmm(feats.transpose(1, 2))
 
 
 def released_position_covariance(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def released_sqrtm(x: torch.Tensor, iterations: int) -> torch.Tensor:
     """MPNCOV ``Sqrtm`` step for step: coupled Newton-Schulz, trace pre-normalisation, sqrt(trace) after. For
     ``iterations < 2`` it returns, as released, the ``0.5 (3I - A)`` factor times sqrt(trace) (3 and 5 are used)."""
     batch, dim, _ = x.shape
-    three_eye = 3.0 * torch.eye(dim, dtype=x.dtype, device=x.device).expand(batch, dim, dim)
+    three_eye = 3.0 * torch.eye(dim, dtype=x.dtype, device=x.device).repeat(batch, 1, 1)  # per sample, as released
     trace = (x * three_eye).sum(dim=(1, 2)) / 3.0          # normA: the trace, written as in the release
     a = x / trace.view(batch, 1, 1)
     zy = 0.5 * (three_eye - a)
@@ -82,9 +82,11 @@ def released_sqrtm(x: torch.Tensor, iterations: int) -> torch.Tensor:
 
 def released_triu_vector(x: torch.Tensor) -> torch.Tensor:
     """MPNCOV ``Triuvec`` forward: entries at the nonzeros of ``ones(d, d).triu().t()`` (flattened row
-    major), i.e. the lower triangle with diagonal, read row by row. (B, d, d) -> (B, d (d + 1) / 2)."""
+    major), i.e. the lower triangle with diagonal, read row by row, one sample at a time as released.
+    (B, d, d) -> (B, d (d + 1) / 2)."""
     batch, dim, _ = x.shape
-    return x.reshape(batch, dim * dim)[:, released_triu_index(dim).to(x.device)]
+    flat, index = x.reshape(batch, dim * dim), released_triu_index(dim).to(x.device)
+    return torch.stack([flat[i, index] for i in range(batch)])
 
 
 def released_triu_index(dim: int) -> torch.Tensor:
